@@ -1,0 +1,22 @@
+"""User-facing errors.
+
+Anything a user can cause (bad config value, missing data, bad checkpoint path) raises a subclass of
+``UserError`` with a one-line message that says what to do. The entry points (train.py, sample.py) print
+that line and exit with a non-zero code instead of showing a traceback (set HYDRA_FULL_ERROR=1 to see it).
+"""
+
+
+class UserError(Exception):
+    """An error caused by the user's input; its message is one line that says what to do."""
+
+
+class ConfigError(UserError, ValueError):
+    """An invalid configuration value (sigma schedule, step size, batch size, ...)."""
+
+
+class DataNotFoundError(UserError, FileNotFoundError):
+    """A dataset is missing on disk and downloading is off or impossible."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint path is missing, not a checkpoint, truncated or from another model."""

@@ -1,0 +1,96 @@
+import math
+
+import pytest
+import torch
+
+from ncsn.errors import ConfigError
+from ncsn.sigmas import (
+    explicit_sigmas,
+    geometric_sigmas,
+    largest_pairwise_distance,
+    linear_sigmas,
+    num_scales_for_ratio,
+    suggest_schedule,
+    technique2_ratio,
+    technique2_value,
+    technique4_step_lr,
+    technique4_value,
+)
+
+
+def test_geometric_is_the_papers_schedule():
+    s = geometric_sigmas(1.0, 0.01, 10)
+    assert s.dtype == torch.float32 and s.shape == (10,)
+    assert s[0].item() == pytest.approx(1.0) and s[-1].item() == pytest.approx(0.01)
+    ratios = s[:-1] / s[1:]
+    assert torch.allclose(ratios, torch.full_like(ratios, 100 ** (1 / 9)), rtol=1e-5)
+
+
+def test_linear_schedule_is_evenly_spaced():
+    s = linear_sigmas(1.0, 0.1, 4)
+    assert torch.allclose(s, torch.tensor([1.0, 0.7, 0.4, 0.1]))
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [((0.01, 1.0, 10), "larger than"), ((1.0, 0.0, 10), "> 0"), ((1.0, 0.01, 1), ">= 2"), ((1.0, -1, 5), "> 0")],
+)
+def test_bad_schedules_raise_one_clear_line(args, fragment):
+    with pytest.raises(ConfigError, match=fragment) as err:
+        geometric_sigmas(*args)
+    assert "\n" not in str(err.value)
+
+
+def test_explicit_list_must_decrease():
+    with pytest.raises(ConfigError, match="strictly decreasing"):
+        explicit_sigmas([1.0, 0.5, 0.5])
+    assert explicit_sigmas([2.0, 1.0]).tolist() == [2.0, 1.0]
+
+
+def test_largest_pairwise_distance_matches_brute_force_across_chunks():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 3, 4, 4, generator=g)
+    brute = torch.cdist(x.flatten(1).double(), x.flatten(1).double()).max().item()
+    assert largest_pairwise_distance(x, chunk_size=7) == pytest.approx(brute, rel=1e-9)
+
+
+def test_technique2_at_official_cifar10_schedule_is_0567():
+    # Official NCSNv2 CIFAR-10: sigma 50 -> 0.01, L = 232, D = 3072. The paper aims at 0.5; the
+    # official schedule evaluates to about 0.567.
+    gamma = (50 / 0.01) ** (1 / 231)
+    assert technique2_value(gamma, 3072) == pytest.approx(0.567, abs=0.002)
+
+
+def test_technique2_ratio_solves_for_target_and_gives_levels():
+    gamma = technique2_ratio(3072, 0.5)
+    assert technique2_value(gamma, 3072) == pytest.approx(0.5, abs=1e-9)
+    assert gamma > (50 / 0.01) ** (1 / 231)  # 0.5 needs a slightly larger ratio than the official 0.567
+    L = num_scales_for_ratio(50, 0.01, gamma)
+    assert (50 / 0.01) ** (1 / (L - 1)) <= gamma < (50 / 0.01) ** (1 / (L - 2))
+
+
+@pytest.mark.parametrize(
+    "sigma_max, num_scales, official",
+    [(50.0, 232, 6.2e-6), (90.0, 500, 3.3e-6)],  # CIFAR-10 and CelebA 64 configs of NCSNv2, T = 5
+)
+def test_technique4_reproduces_official_step_sizes(sigma_max, num_scales, official):
+    gamma = (sigma_max / 0.01) ** (1 / (num_scales - 1))
+    eps = technique4_step_lr(0.01, gamma, 5)
+    expected = {232: 6.18e-6, 500: 3.34e-6}[num_scales]
+    assert eps == pytest.approx(expected, rel=0.01)
+    assert eps == pytest.approx(official, rel=0.02)
+    # it is the minimiser: nudging it either way moves the quantity away from 1
+    best = abs(technique4_value(eps, 0.01, gamma, 5) - 1)
+    for factor in (0.9, 1.1):
+        assert abs(technique4_value(eps * factor, 0.01, gamma, 5) - 1) > best
+
+
+def test_suggest_schedule_from_data_prints_overrides():
+    g = torch.Generator().manual_seed(1)
+    data = torch.rand(64, 1, 8, 8, generator=g)
+    s = suggest_schedule(data, n_steps_each=5)
+    assert s.sigma_max == pytest.approx(largest_pairwise_distance(data))
+    assert s.num_scales >= 2 and s.ratio > 1 and 0 < s.step_lr < 0.01**2
+    assert math.isclose(s.technique2, technique2_value(s.ratio, 64))
+    o = s.overrides()
+    assert f"sigmas.num_scales={s.num_scales}" in o and "sampler.step_lr=" in o
