@@ -66,7 +66,9 @@ class ConvMeanPool(nn.Module):
         adjust_padding: bool = False,
     ) -> None:
         super().__init__()
-        conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=1, padding=kernel_size // 2, bias=bias)
+        conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride=1, padding=kernel_size // 2, bias=bias
+        )
         # The Sequential wrapper keeps the reference state-dict key ("conv.1.weight").
         self.conv = nn.Sequential(nn.ZeroPad2d((1, 0, 1, 0)), conv) if adjust_padding else conv
 

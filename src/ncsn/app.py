@@ -1,0 +1,79 @@
+"""Shared plumbing of the two entry points (train.py, sample.py): building objects from config and turning
+user errors into one clear line and a non-zero exit."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import hydra
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+
+from ncsn.errors import UserError
+
+log = logging.getLogger("ncsn")
+
+EXIT_USER_ERROR = 2
+
+
+def _user_error_in(exc: BaseException) -> UserError | None:
+    """The UserError that caused ``exc`` (Hydra wraps errors raised inside ``instantiate``)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, UserError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def user_errors_exit(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Wrap a Hydra task so a UserError prints ``error: <one line>`` to stderr and exits with code 2.
+
+    With HYDRA_FULL_ERROR=1 the exception propagates with its traceback instead.
+    """
+
+    @functools.wraps(task)
+    def wrapper(cfg: DictConfig) -> Any:
+        try:
+            return task(cfg)
+        except Exception as exc:  # noqa: BLE001 - only user errors are turned into a line
+            user_error = _user_error_in(exc)
+            if user_error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"error: {user_error}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_USER_ERROR)
+
+    return wrapper
+
+
+def instantiate(cfg: DictConfig | dict | None, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that re-raises a UserError from inside the call as itself."""
+    if cfg is None:
+        return None
+    try:
+        return hydra.utils.instantiate(cfg, **kwargs)
+    except InstantiationException as exc:
+        user_error = _user_error_in(exc)
+        if user_error is not None:
+            raise user_error from exc
+        raise
+
+
+def instantiate_group(cfg: DictConfig | None) -> list[Any]:
+    """Build every entry of a config group written as ``name: {_target_: ...}`` (null entries skipped)."""
+    if not cfg:
+        return []
+    objects = []
+    for name, entry in cfg.items():
+        if entry is None:
+            continue
+        if not isinstance(entry, DictConfig) or "_target_" not in entry:
+            raise UserError(f"config entry '{name}' needs a _target_ (got {OmegaConf.to_yaml(entry).strip()})")
+        objects.append(instantiate(entry))
+    return objects

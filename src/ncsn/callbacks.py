@@ -1,0 +1,133 @@
+"""Callbacks that Lightning does not ship: the sample-grid callback, and the EMA helper it relies on."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from torchvision.utils import make_grid, save_image
+
+from ncsn.data.transforms import to_image_range
+
+
+def averaged_module(trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningModule:
+    """The EMA copy of the module when a WeightAveraging callback is attached, else the module itself."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, WeightAveraging) and callback._average_model is not None:
+            return callback._average_model.module
+    return pl_module
+
+
+def image_grid(samples: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
+    """A [C, H, W] grid in [0, 1] of model-range image samples (a square grid by default)."""
+    nrow = nrow or max(1, int(round(samples.shape[0] ** 0.5)))
+    return make_grid(to_image_range(samples.detach().float().cpu()), nrow=nrow, padding=2, pad_value=1.0)
+
+
+def scatter_image(points: torch.Tensor, size: int = 256, extent: float = 10.0) -> torch.Tensor:
+    """A [1, size, size] image of 2-D samples (dark dots on white), for toy data."""
+    img = torch.ones(1, size, size)
+    pts = points.detach().float().cpu()
+    ij = ((pts + extent) / (2 * extent) * (size - 1)).round().long()
+    keep = ((ij >= 0) & (ij < size)).all(dim=1)
+    ij = ij[keep]
+    img[0, size - 1 - ij[:, 1], ij[:, 0]] = 0.0
+    return img
+
+
+class SampleGridCallback(L.Callback):
+    """Every ``every_n_steps`` training steps, on rank zero: sample with annealed Langevin (EMA weights when
+    EMA is on) from a fixed seed, save the grid as ``<run dir>/samples/step_XXXXXXX.png`` and log it to
+    every attached logger as ``samples/grid`` (a ``wandb.Image`` for W&B, an image for TensorBoard).
+
+    ``sampler`` overrides the module's sampler settings for these previews (e.g. fewer steps).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 5000,
+        num_samples: int = 64,
+        seed: int = 0,
+        on_train_end: bool = True,
+        sampler: dict | None = None,
+        dirname: str = "samples",
+    ) -> None:
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+        self.seed = seed
+        self.at_train_end = on_train_end
+        self.sampler = dict(sampler or {})
+        self.dirname = dirname
+        self._last_step = -1
+
+    def _out_dir(self, trainer: L.Trainer) -> Path:
+        return Path(trainer.default_root_dir) / self.dirname
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
+            self.make_grid(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.at_train_end:
+            self.make_grid(trainer, pl_module)
+
+    @rank_zero_only
+    def make_grid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
+        step = trainer.global_step
+        if step == self._last_step:
+            return None
+        self._last_step = step
+        module = averaged_module(trainer, pl_module)
+        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        samples = module.sample(self.num_samples, generator=generator, **self.sampler)
+        if samples.ndim == 2:
+            grid = scatter_image(samples)
+        else:
+            grid = image_grid(samples)
+        out_dir = self._out_dir(trainer)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"step_{step:07d}.png"
+        tmp = path.with_suffix(".tmp.png")
+        save_image(grid, tmp)
+        os.replace(tmp, path)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="samples/grid", images=[str(path)], step=step, caption=[f"step {step}"])
+            elif isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("samples/grid", grid, global_step=step)
+        return path
+
+
+class RunRecordCallback(L.Callback):
+    """Keeps a run reproducible and self-describing.
+
+    * writes the resolved config (``config.yaml``) and the versions of torch / lightning / ncsn and the
+      git commit (``run_info.json``) into the checkpoint directory at the start of fit (rank zero);
+    * stores the resolved config in every checkpoint under ``ncsn_config`` so ``sample.py`` can rebuild
+      the network, σ list, sampler settings and data value range from the checkpoint alone.
+    """
+
+    def __init__(self, config: dict, dirpath: str | os.PathLike) -> None:
+        self.config = config
+        self.dirpath = Path(dirpath)
+
+    @rank_zero_only
+    def on_fit_start(self, trainer, pl_module) -> None:
+        import json
+
+        import yaml
+
+        from ncsn.provenance import run_info
+
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        (self.dirpath / "config.yaml").write_text(yaml.safe_dump(self.config, sort_keys=False))
+        (self.dirpath / "run_info.json").write_text(json.dumps(run_info(), indent=2) + "\n")
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["ncsn_config"] = self.config

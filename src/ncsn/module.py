@@ -1,0 +1,196 @@
+"""The LightningModule: weighted multi-σ DSM training, per-σ validation loss, and a sampling API.
+
+The module owns the score network and the σ list (a buffer: it moves with the device and is saved in
+every checkpoint). It knows nothing about Hydra; the app layer builds it from config with
+``hydra.utils.instantiate(cfg.model)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from ncsn.errors import ConfigError
+from ncsn.losses import LossOutput, dsm_loss, sliced_score_matching_loss
+from ncsn.nets import score_function
+from ncsn.samplers import annealed_langevin, check_sampler_settings
+from ncsn.sigmas import validate_sigmas
+
+LOSSES = {"dsm": dsm_loss, "ssm": sliced_score_matching_loss}
+
+DEFAULT_SAMPLER = {"n_steps_each": 100, "step_lr": 2e-5, "denoise": False, "init_low": 0.0, "init_high": 1.0}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
+class ScoreModel(L.LightningModule):
+    """A noise-conditional score model trained with denoising score matching.
+
+    Args:
+        net: the score network, ``net(x, levels)`` (see ``ncsn.nets``).
+        sigmas: the decreasing noise levels [L].
+        data_shape: the shape of one sample, e.g. [1, 28, 28] (used to draw initial samples).
+        optimizer: a callable ``params -> Optimizer`` (Hydra ``_partial_: true``); Adam 1e-3 by default.
+        scheduler: optional callable ``optimizer -> LRScheduler``, stepped every training step.
+        sampler: annealed-Langevin settings: n_steps_each, step_lr, denoise, init_low, init_high
+            (initial samples are uniform on [init_low, init_high], [0, 1] for images as in the paper).
+        loss: "dsm" (the paper) or "ssm" (sliced score matching, for toy data).
+        weight_power: p in λ(σ) = σ^p.
+        val_seed: seed of the fixed noise used for validation, so val losses are comparable over time.
+        nonfinite: what a NaN/inf training loss does: "raise" (stop with the step and σ level) or "skip"
+            (skip that step and count it in ``train/skipped_steps``).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        sigmas: torch.Tensor,
+        data_shape: list[int] | tuple[int, ...],
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        sampler: Mapping[str, Any] | None = None,
+        loss: str = "dsm",
+        weight_power: float = 2.0,
+        val_seed: int = 0,
+        nonfinite: str = "raise",
+    ) -> None:
+        super().__init__()
+        if loss not in LOSSES:
+            raise ConfigError(f"unknown loss '{loss}'; choose one of {sorted(LOSSES)}")
+        if nonfinite not in ("raise", "skip"):
+            raise ConfigError(f"model.nonfinite must be 'raise' or 'skip' (got '{nonfinite}')")
+        self.net = net
+        self.register_buffer("sigmas", validate_sigmas(torch.as_tensor(sigmas, dtype=torch.float32)))
+        self.data_shape = tuple(int(d) for d in data_shape)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.sampler_settings = {**DEFAULT_SAMPLER, **dict(sampler or {})}
+        check_sampler_settings(self.sampler_settings["n_steps_each"], self.sampler_settings["step_lr"])
+        self.loss_name = loss
+        self.weight_power = weight_power
+        self.val_seed = val_seed
+        self.nonfinite = nonfinite
+        self._val_sum: torch.Tensor | None = None
+        self._val_count: torch.Tensor | None = None
+        self.skipped_steps = 0
+
+    # ------------------------------------------------------------------ score and loss
+    @property
+    def num_scales(self) -> int:
+        return int(self.sigmas.shape[0])
+
+    def score_fn(self, x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        """The score s(x, σ_levels), whatever the network's parameterisation."""
+        return score_function(self.net, self.sigmas)(x, levels)
+
+    def compute_loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> LossOutput:
+        return LOSSES[self.loss_name](self.score_fn, x, self.sigmas, weight_power=self.weight_power,
+                                      generator=generator)
+
+    @staticmethod
+    def _images(batch: Any) -> torch.Tensor:
+        return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        out = self.compute_loss(self._images(batch))
+        self._last_loss_output = out
+        if self.nonfinite == "raise":
+            self.log("train/loss", out.loss, prog_bar=True)
+            return out.loss
+        if not torch.isfinite(out.loss):  # host sync only when the user asked for skipping
+            self.skipped_steps += 1
+            self.log("train/skipped_steps", float(self.skipped_steps))
+            return None
+        self.log("train/loss", out.loss, prog_bar=True)
+        return out.loss
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        if self.nonfinite == "raise" and not torch.isfinite(loss):
+            bad = torch.nonzero(~torch.isfinite(self._last_loss_output.level_sum)).flatten().tolist()
+            where = ", ".join(f"level {i} (sigma={self.sigmas[i].item():.4g})" for i in bad) or "unknown level"
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss.item()}) at global step {self.global_step}, {where}; "
+                "the last checkpoint is kept. Lower the learning rate or set model.nonfinite=skip"
+            )
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum = torch.zeros(self.num_scales, device=self.device)
+        self._val_count = torch.zeros(self.num_scales, device=self.device)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x = self._images(batch)
+        generator = torch.Generator(device=x.device)
+        generator.manual_seed(self.val_seed + 100_003 * batch_idx + 7919 * self.global_rank)
+        out = self.compute_loss(x, generator)
+        self._val_sum += out.level_sum
+        self._val_count += out.level_count
+
+    def on_validation_epoch_end(self) -> None:
+        total_sum = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
+        total_count = self.trainer.strategy.reduce(self._val_count, reduce_op="sum")
+        if total_count.sum() == 0:
+            return
+        metrics = {"val/loss": total_sum.sum() / total_count.sum()}
+        per_level = total_sum / total_count.clamp_min(1)
+        for i in range(self.num_scales):
+            metrics[f"val/loss_sigma_{i}"] = per_level[i]
+        # the values are already summed over processes (the same on every rank): no second sync needed
+        self.log("val/loss", metrics.pop("val/loss"), prog_bar=True)
+        self.log_dict(metrics)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        factory = self.optimizer_factory or (lambda params: torch.optim.Adam(params, lr=1e-3))
+        optimizer = factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ sampling
+    def initial_samples(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        low, high = self.sampler_settings["init_low"], self.sampler_settings["init_high"]
+        u = torch.rand((n, *self.data_shape), device=self.device, generator=generator)
+        return low + (high - low) * u
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        callback: Callable[[dict], None] | None = None,
+        progress: bool = False,
+        x_init: torch.Tensor | None = None,
+        **overrides: Any,
+    ) -> torch.Tensor:
+        """Draw ``n`` samples (model range) with annealed Langevin dynamics and the configured settings.
+
+        ``overrides`` replace sampler settings for this call (n_steps_each, step_lr, denoise).
+        """
+        settings = {**self.sampler_settings, **overrides}
+        was_training = self.training
+        self.eval()
+        x = self.initial_samples(n, generator) if x_init is None else x_init.to(self.device)
+        try:
+            return annealed_langevin(
+                self.score_fn,
+                x,
+                self.sigmas,
+                int(settings["n_steps_each"]),
+                float(settings["step_lr"]),
+                denoise=bool(settings["denoise"]),
+                callback=callback,
+                generator=generator,
+                progress=progress,
+            )
+        finally:
+            self.train(was_training)

@@ -1,0 +1,115 @@
+"""The training application: config → datamodule + module + callbacks + loggers → Trainer.fit.
+
+``train(cfg)`` is what ``train.py`` calls; it returns the configured metric (``optimized_metric``) so
+Hydra sweepers can optimise it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ncsn.app import instantiate, instantiate_group
+from ncsn.callbacks import RunRecordCallback
+from ncsn.errors import ConfigError
+
+log = logging.getLogger("ncsn")
+
+
+def _hydra_config() -> DictConfig | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def prepare_ddp_relaunch() -> None:
+    """Make Lightning's DDP re-launch run just this job.
+
+    With plain ``ddp`` Lightning starts ranks 1..N-1 by re-running ``sys.argv`` with
+    ``hydra.run.dir=<run dir>``. Inside a ``-m`` sweep that would re-run the whole sweep in every child and
+    put them in the wrong directory. So, in a multirun, replace ``sys.argv`` by this job's own overrides
+    and point ``hydra.run.dir`` at this job's output dir: each child runs exactly this job, in its dir.
+    """
+    from hydra.types import RunMode
+
+    hc = _hydra_config()
+    if hc is None or hc.mode != RunMode.MULTIRUN:
+        return
+    sys.argv = [sys.argv[0], *[str(o) for o in hc.overrides.task]]
+    OmegaConf.set_readonly(hc, False)
+    with open_dict(hc):
+        hc.run.dir = hc.runtime.output_dir
+    OmegaConf.set_readonly(hc, True)
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.output_dir)
+
+
+def check_trainer_config(cfg: DictConfig) -> None:
+    """Errors the Trainer would only report deep inside: accelerator availability."""
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError("trainer=gpu needs a CUDA GPU and none is visible; use trainer=cpu or trainer=default")
+
+
+def build(cfg: DictConfig) -> dict[str, Any]:
+    """Build every object of a training run from its config (nothing is run)."""
+    datamodule: L.LightningDataModule = instantiate(cfg.data)
+    model: L.LightningModule = instantiate(cfg.model)
+    callbacks: list[L.Callback] = instantiate_group(cfg.get("callbacks"))
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    callbacks.append(RunRecordCallback(resolved, output_dir(cfg) / "checkpoints"))
+    loggers = instantiate_group(cfg.get("logger"))
+    check_trainer_config(cfg)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return {"datamodule": datamodule, "model": model, "callbacks": callbacks, "loggers": loggers,
+            "trainer": trainer}
+
+
+def close_loggers(loggers: list) -> None:
+    """Close W&B runs so the next job of a multirun starts its own run."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if any(isinstance(logger, WandbLogger) for logger in loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Train one run; return the value of ``cfg.optimized_metric`` (None if it was never logged)."""
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    prepare_ddp_relaunch()
+    run_dir = output_dir(cfg)
+    log.info("Run directory: %s", run_dir.resolve())
+
+    objects = build(cfg)
+    trainer: L.Trainer = objects["trainer"]
+    for logger in objects["loggers"]:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path:
+        from ncsn.checkpoints import check_checkpoint_path
+
+        check_checkpoint_path(ckpt_path)
+        log.info("Resuming from %s", ckpt_path)
+    try:
+        trainer.fit(objects["model"], datamodule=objects["datamodule"], ckpt_path=ckpt_path)
+    finally:
+        close_loggers(objects["loggers"])
+
+    metric_name = cfg.get("optimized_metric")
+    value = trainer.callback_metrics.get(metric_name) if metric_name else None
+    if trainer.is_global_zero:
+        log.info("Checkpoints in %s", (run_dir / "checkpoints").resolve())
+    return None if value is None else float(value)

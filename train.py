@@ -1,0 +1,21 @@
+"""Train a score network: python train.py [experiment=NAME] [group=option ...] [key=value ...]
+
+Composes conf/train.yaml and calls ncsn.training.train. See README.md.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from ncsn.app import user_errors_exit
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@user_errors_exit
+def main(cfg: DictConfig) -> float | None:
+    from ncsn.training import train
+
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
