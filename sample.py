@@ -1,0 +1,21 @@
+"""Sample from a trained checkpoint: python sample.py ckpt_path=RUN/checkpoints/last.ckpt [mode=...]
+
+Composes conf/sample.yaml and calls ncsn.sampling_app.sample. See README.md.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from ncsn.app import user_errors_exit
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="sample")
+@user_errors_exit
+def main(cfg: DictConfig) -> None:
+    from ncsn.sampling_app import sample
+
+    sample(cfg)
+
+
+if __name__ == "__main__":
+    main()
