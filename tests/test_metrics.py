@@ -154,7 +154,7 @@ def test_missing_inception_weights_file_is_a_one_line_config_error(tmp_path):
     with pytest.raises(ConfigError) as err:
         compute_image_metrics(blobs(4, 0), blobs(4, 1), feature=2048, inception_weights=str(missing))
     message = str(err.value)
-    assert "\n" not in message and str(missing) in message and "metrics.inception_weights=" in message
+    assert "\n" not in message and str(missing) in message and "fid.inception_weights=" in message
     with pytest.raises(ConfigError):
         build_fid_metric(2048, inception_weights=missing)
 
@@ -164,7 +164,7 @@ def test_offline_without_weights_says_where_to_put_them(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as err:
         resolve_inception_weights(None, allow_download=False)
     message = str(err.value)
-    assert "\n" not in message and "metrics.inception_weights=" in message
+    assert "\n" not in message and "fid.inception_weights=" in message
     assert str(tmp_path / "hub" / "checkpoints") in message
     # a file in torch hub's cache is found without any configuration
     cached = tmp_path / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
@@ -209,7 +209,7 @@ def test_standard_inception_from_a_weights_file_takes_grey_28x28_images(tmp_path
     assert (out["num_real"], out["num_fake"]) == (4, 4)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(ConfigError, match="metrics.inception_weights="):
+    with pytest.raises(ConfigError, match="fid.inception_weights="):
         build_fid_metric(64, inception_weights=garbage)
 
 

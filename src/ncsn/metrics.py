@@ -10,11 +10,10 @@ Feature networks (``feature=``):
   (the pool features used for published FIDs), or ``64``, ``192``, ``768`` (earlier layers, for quick
   checks on few samples). It needs the ``torch-fidelity`` package and its weights file
   ``weights-inception-2015-12-05-6726825d.pth`` (``INCEPTION_WEIGHTS_URL``, about 100 MB). Weights are
-  looked up, in order: the path given (config ``metrics.inception_weights=<path>``), then torch hub's
-  cache (``$TORCH_HOME/hub/checkpoints/``), then downloaded into that cache if the machine is online. Being
-  online is probed first with a TCP connection that gives up after ``NETWORK_PROBE_TIMEOUT_S`` seconds, so
-  an offline machine gets a one-line ``ConfigError`` saying which file to put where instead of a hang;
-  ``allow_download=False`` skips the probe and never downloads. Images are quantised to uint8 with
+  looked up, in order: the path given (config ``fid.inception_weights=<path>``), then torch hub's
+  cache (``$TORCH_HOME/hub/checkpoints/``); a download happens only when asked for
+  (``allow_download=True``, config ``fid.allow_download=true``). Otherwise a missing file is a one-line
+  ``ConfigError`` saying which file to put where: nothing probes the network. Images are quantised to uint8 with
   rounding (``round(255 x)``, like saving a PNG) and resized the TF1 way (``antialias=False``), as the
   reference implementations do; torchmetrics' own ``normalize=True`` truncates instead, which moves real
   images stored as uint8 down by one grey level.
@@ -41,8 +40,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
-import threading
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -87,8 +84,6 @@ INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILENAME
 )
-NETWORK_PROBE_TIMEOUT_S = 3.0
-_PROBE_HOST = ("github.com", 443)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -164,23 +159,6 @@ def inception_available() -> bool:
     return bool(_TORCH_FIDELITY_AVAILABLE)
 
 
-def _online(timeout: float = NETWORK_PROBE_TIMEOUT_S) -> bool:
-    """Whether a TCP connection to the weights' host opens within ``timeout`` s (DNS included)."""
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            with socket.create_connection(_PROBE_HOST, timeout=timeout):
-                result.append(True)
-        except OSError:
-            result.append(False)
-
-    thread = threading.Thread(target=probe, daemon=True)  # daemon: a stuck DNS lookup can't block exit
-    thread.start()
-    thread.join(timeout + 0.5)
-    return bool(result and result[0])
-
-
 def _hub_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILENAME
 
@@ -191,26 +169,25 @@ def resolve_inception_weights(
     """The weights file of the standard Inception network, or ``None`` when torchmetrics may download it.
 
     ``path`` given: it must be an existing file. Otherwise torch hub's cache is used when the file is there;
-    else ``allow_download`` decides: ``True`` downloads (returns ``None``), ``False`` raises, ``None`` (the
-    default) probes the network for a few seconds and downloads only if online. Never hangs offline.
+    else ``allow_download`` decides: ``True`` lets torchmetrics download them (returns ``None``); ``False`` or
+    ``None`` (the default) raises a ConfigError saying where to put the file. Nothing touches the network
+    unless the user asked for a download.
     """
     if path is not None and str(path) != "":
         p = Path(path).expanduser()
         if not p.is_file():
             raise ConfigError(
                 f"Inception weights file {p} does not exist: download {INCEPTION_WEIGHTS_URL} and set "
-                f"metrics.inception_weights=<path to it> (or use a custom feature network, e.g. feature=small)"
+                f"fid.inception_weights=<path to it> (or use a custom feature network, e.g. feature=small)"
             )
         return str(p)
     cached = _hub_weights_path()
     if cached.is_file():
         return str(cached)
-    if allow_download is None:
-        allow_download = _online()
     if not allow_download:
         raise ConfigError(
-            f"The standard Inception weights are not on this machine and it is offline: download "
-            f"{INCEPTION_WEIGHTS_URL} elsewhere, copy it here and set metrics.inception_weights=<path> "
+            f"The standard Inception weights are not on this machine: set fid.allow_download=true to fetch them, or download "
+            f"{INCEPTION_WEIGHTS_URL} elsewhere, copy it here and set fid.inception_weights=<path> "
             f"(or put it at {cached})"
         )
     return None
@@ -285,7 +262,7 @@ def _wrap_build_errors(fn, *args, weights_file: str | None = None, **kwargs):
         source = weights_file or f"the download into {_hub_weights_path()}"
         raise ConfigError(
             f"Could not load the Inception weights from {source} ({type(err).__name__}: {first}): put "
-            f"{INCEPTION_WEIGHTS_URL} on disk and set metrics.inception_weights=<path>"
+            f"{INCEPTION_WEIGHTS_URL} on disk and set fid.inception_weights=<path>"
         ) from err
 
 
@@ -768,3 +745,14 @@ class FIDCallback(L.Callback):
         self._last_step = state_dict.get("last_step")
         self.history = [tuple(item) for item in state_dict.get("history", [])]
         self.last_fid = self.history[-1][1] if self.history else None
+
+
+def feature_from_config(fid_cfg: Any) -> Any:
+    """The feature network named by a ``fid:`` config block: an int/str for the standard Inception
+    (``2048``, ``"small"``, ...) or a ``_target_`` mapping that builds any ``nn.Module``."""
+    feature = fid_cfg.get("feature", 2048)
+    if hasattr(feature, "get") and feature.get("_target_"):
+        from hydra.utils import instantiate
+
+        return instantiate(feature)
+    return feature
