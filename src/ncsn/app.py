@@ -44,12 +44,40 @@ def user_errors_exit(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig]
             return task(cfg)
         except Exception as exc:  # noqa: BLE001 - only user errors are turned into a line
             user_error = _user_error_in(exc)
+            line = str(user_error) if user_error is not None else f"{type(exc).__name__}: {exc}".splitlines()[0]
+            record_failure(cfg, line)
+            if _in_multirun() and os.environ.get("HYDRA_FULL_ERROR") != "1":
+                # one failed job must not end the sweep: it is recorded (error.txt) and the sweep goes on
+                log.error("job failed: %s", line)
+                return float("nan")
             if user_error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             print(f"error: {user_error}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def record_failure(cfg: DictConfig, line: str) -> None:
+    """Write the failure's one line to ``<output dir>/error.txt`` (read by the sweep report)."""
+    try:
+        out = cfg.paths.output_dir
+    except Exception:  # noqa: BLE001 - a config without paths has nowhere to record
+        return
+    try:
+        path = os.path.join(str(out), "error.txt")
+        os.makedirs(str(out), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(line + "\n")
+    except OSError:
+        pass
 
 
 def instantiate(cfg: DictConfig | dict | None, **kwargs: Any) -> Any:

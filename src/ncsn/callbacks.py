@@ -131,3 +131,49 @@ class RunRecordCallback(L.Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint["ncsn_config"] = self.config
+
+
+class MetricsFileCallback(L.Callback):
+    """Writes ``metrics.json`` in the run dir at the end of fit (rank zero), whatever loggers are attached:
+    the last value of every logged metric, the global step, wall time and training speed (images/s).
+    Sweep reports read it."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._start: float | None = None
+        self._start_step = 0
+        self._samples = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import time
+
+        self._start = time.perf_counter()
+        self._start_step = trainer.global_step
+        self._samples = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        self._samples += int(x.shape[0]) * trainer.world_size
+
+    @rank_zero_only
+    def on_fit_end(self, trainer, pl_module) -> None:
+        import json
+        import math
+        import time
+
+        elapsed = time.perf_counter() - self._start if self._start is not None else float("nan")
+        metrics = {}
+        for name, value in trainer.callback_metrics.items():
+            v = float(value)
+            metrics[name] = v if math.isfinite(v) else None
+        record = {
+            "global_step": trainer.global_step,
+            "train_seconds": elapsed,
+            "train_steps": trainer.global_step - self._start_step,
+            "images_per_second": self._samples / elapsed if elapsed and elapsed > 0 else None,
+            "metrics": metrics,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".part")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, self.path)

@@ -252,7 +252,9 @@ def run_fid(model, cfg, out: Path, overrides: dict, run_cfg: DictConfig) -> dict
     real = _first_images(dm.val_dataloader(), int(cfg.fid.num_real))
     feature = feature_from_config(cfg.fid)
     result = compute_image_metrics(real, samples.clamp(0, 1), feature=feature, batch_size=cfg.batch_size,
-                                   device=model.device, inception_score=bool(cfg.fid.inception_score))
+                                   device=model.device, inception_score=bool(cfg.fid.inception_score),
+                                   inception_weights=cfg.fid.get("inception_weights"),
+                                   allow_download=bool(cfg.fid.get("allow_download", False)))
     result["settings"] = {"ckpt_path": str(cfg.ckpt_path), "sampler": {**model.sampler_settings, **overrides},
                           "num_samples": int(cfg.num_samples), "num_real": int(cfg.fid.num_real),
                           "seed": int(cfg.seed), "use_ema": bool(cfg.use_ema),

@@ -16,8 +16,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ncsn.app import instantiate, instantiate_group
-from ncsn.callbacks import RunRecordCallback
+from ncsn.callbacks import MetricsFileCallback, RunRecordCallback
 from ncsn.errors import ConfigError
+from ncsn.sweeps import apply_sweep_metadata
 
 log = logging.getLogger("ncsn")
 
@@ -66,6 +67,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     callbacks: list[L.Callback] = instantiate_group(cfg.get("callbacks"))
     resolved = OmegaConf.to_container(cfg, resolve=True)
     callbacks.append(RunRecordCallback(resolved, output_dir(cfg) / "checkpoints"))
+    callbacks.append(MetricsFileCallback(output_dir(cfg) / "metrics.json"))
     loggers = instantiate_group(cfg.get("logger"))
     check_trainer_config(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -89,6 +91,7 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     prepare_ddp_relaunch()
+    apply_sweep_metadata(cfg)
     run_dir = output_dir(cfg)
     log.info("Run directory: %s", run_dir.resolve())
 
