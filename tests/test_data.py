@@ -6,6 +6,8 @@ import struct
 from pathlib import Path
 from types import SimpleNamespace
 
+from fakes import write_cifar, write_idx
+
 import numpy as np
 import pytest
 import torch
@@ -90,13 +92,6 @@ def test_image_transform_steps():
 
 
 # ---------------------------------------------------------------------------------------------- MNIST
-def write_idx(path: Path, arr: np.ndarray) -> None:
-    """IDX file: big-endian magic 0x0000080N (uint8, N dims; 2051 images, 2049 labels), N dims, raw bytes."""
-    arr = np.ascontiguousarray(arr, dtype=np.uint8)
-    path.write_bytes(struct.pack(">I", 0x0800 | arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
-                     + arr.tobytes())
-
-
 @pytest.fixture
 def mnist_dir(tmp_path):
     raw = tmp_path / "MNIST" / "raw"
@@ -160,32 +155,6 @@ def test_corrupt_mnist_file_is_a_clear_error(mnist_dir):
 
 
 # ---------------------------------------------------------------------------------------------- CIFAR-10
-def write_cifar(root: Path, key_type=bytes, per_batch: int = 2, n_test: int = 3) -> dict:
-    """The python-version batches: pickled dicts with data uint8 [N, 3072] (R, G, B planes) and labels."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-
-    def key(s):
-        return s.encode() if key_type is bytes else s
-
-    rng = np.random.default_rng(1)
-    out = {}
-    for name, n in [*((f"data_batch_{i}", per_batch) for i in range(1, 6)), ("test_batch", n_test)]:
-        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        labels = rng.integers(0, 10, n).tolist()
-        batch = {key("batch_label"): key(name), key("labels"): labels, key("data"): data,
-                 key("filenames"): [key(f"img_{j}.png") for j in range(n)]}
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f, protocol=2)
-        out[name] = (data, labels)
-    meta = {key("label_names"): [key(c) for c in ("airplane", "automobile", "bird", "cat", "deer", "dog",
-                                                   "frog", "horse", "ship", "truck")],
-            key("num_cases_per_batch"): per_batch, key("num_vis"): 3072}
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump(meta, f, protocol=2)
-    return out
-
-
 @pytest.mark.parametrize("key_type", [bytes, str])
 def test_cifar10_reads_pickled_batches(tmp_path, key_type):
     data = write_cifar(tmp_path, key_type)

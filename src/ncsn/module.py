@@ -7,6 +7,8 @@ every checkpoint). It knows nothing about Hydra; the app layer builds it from co
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,6 +19,7 @@ from torch import nn
 from ncsn.errors import ConfigError
 from ncsn.losses import LossOutput, dsm_loss, sliced_score_matching_loss
 from ncsn.nets import score_function
+from ncsn.perf import PerfRuntime, PerfSettings, graphed_annealed_langevin, optimizer_kwargs, parameter_token
 from ncsn.samplers import annealed_langevin, check_sampler_settings
 from ncsn.sigmas import validate_sigmas
 
@@ -45,6 +48,9 @@ class ScoreModel(L.LightningModule):
         val_seed: seed of the fixed noise used for validation, so val losses are comparable over time.
         nonfinite: what a NaN/inf training loss does: "raise" (stop with the step and σ level) or "skip"
             (skip that step and count it in ``train/skipped_steps``).
+        perf: the fast path (``conf/perf/``, see ``ncsn.perf.PerfSettings``): bf16 autocast, channels_last,
+            torch.compile, fused Adam, CUDA-graph sampling. ``enabled: auto`` turns it on when the module
+            runs on a CUDA device; None (the default in Python) means off: exactly the plain fp32 path.
     """
 
     def __init__(
@@ -59,6 +65,7 @@ class ScoreModel(L.LightningModule):
         weight_power: float = 2.0,
         val_seed: int = 0,
         nonfinite: str = "raise",
+        perf: Mapping[str, Any] | PerfSettings | None = None,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
@@ -79,6 +86,8 @@ class ScoreModel(L.LightningModule):
         self._val_sum: torch.Tensor | None = None
         self._val_count: torch.Tensor | None = None
         self.skipped_steps = 0
+        self.perf = PerfSettings.from_config(perf)
+        self._perf = PerfRuntime()
 
     # ------------------------------------------------------------------ score and loss
     @property
@@ -86,8 +95,31 @@ class ScoreModel(L.LightningModule):
         return int(self.sigmas.shape[0])
 
     def score_fn(self, x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-        """The score s(x, σ_levels), whatever the network's parameterisation."""
-        return score_function(self.net, self.sigmas)(x, levels)
+        """The score s(x, σ_levels), whatever the network's parameterisation (the fast network when the
+        perf settings are on for this device)."""
+        fast = self._fast_forward()
+        return score_function(self.net if fast is None else fast, self.sigmas)(x, levels)
+
+    # ------------------------------------------------------------------ fast path (ncsn.perf)
+    def perf_settings(self, device: torch.device | str | None = None) -> PerfSettings:
+        """The perf settings that apply on ``device`` (default: where the module is)."""
+        settings = self.perf.resolve(self.sigmas.device if device is None else device)
+        if settings.compile and self.loss_name == "ssm":  # SSM needs double backward: not through compile
+            settings = dataclasses.replace(settings, compile=False)
+        return settings
+
+    def _fast_forward(self, device: torch.device | str | None = None):
+        device = self.sigmas.device if device is None else torch.device(device)
+        return self._perf.forward_for(self.net, self.perf_settings(device), device)
+
+    def _sync_free_checks(self) -> bool:
+        return self.sigmas.is_cuda and self.perf_settings().enabled is True
+
+    def setup(self, stage: str) -> None:
+        # Prepare the network (channels_last, fp32 norms, compile) for the device the Trainer will use, before
+        # the optimizer is built and a checkpoint restored. Sampling without a Trainer prepares lazily.
+        if self._trainer is not None:
+            self._fast_forward(self.trainer.strategy.root_device)
 
     def compute_loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> LossOutput:
         return LOSSES[self.loss_name](self.score_fn, x, self.sigmas, weight_power=self.weight_power,
@@ -112,13 +144,29 @@ class ScoreModel(L.LightningModule):
         return out.loss
 
     def on_before_backward(self, loss: torch.Tensor) -> None:
-        if self.nonfinite == "raise" and not torch.isfinite(loss):
-            bad = torch.nonzero(~torch.isfinite(self._last_loss_output.level_sum)).flatten().tolist()
-            where = ", ".join(f"level {i} (sigma={self.sigmas[i].item():.4g})" for i in bad) or "unknown level"
-            raise NonFiniteLossError(
-                f"non-finite training loss ({loss.item()}) at global step {self.global_step}, {where}; "
-                "the last checkpoint is kept. Lower the learning rate or set model.nonfinite=skip"
-            )
+        if self.nonfinite != "raise":
+            return
+        if self._sync_free_checks():
+            # fast path: no host sync here; checked in on_before_optimizer_step, before the update is applied
+            self._perf.watch.record(loss)
+            self._perf_loss_output = self._last_loss_output
+            return
+        if not torch.isfinite(loss):
+            self._raise_nonfinite(loss, self._last_loss_output)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.nonfinite == "raise" and self._sync_free_checks():
+            bad = self._perf.watch.first_bad()
+            if bad is not None:
+                self._raise_nonfinite(bad, self._perf_loss_output)
+
+    def _raise_nonfinite(self, loss: torch.Tensor, out: LossOutput) -> None:
+        bad = torch.nonzero(~torch.isfinite(out.level_sum)).flatten().tolist()
+        where = ", ".join(f"level {i} (sigma={self.sigmas[i].item():.4g})" for i in bad) or "unknown level"
+        raise NonFiniteLossError(
+            f"non-finite training loss ({loss.item()}) at global step {self.global_step}, {where}; "
+            "the last checkpoint is kept. Lower the learning rate or set model.nonfinite=skip"
+        )
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
@@ -148,8 +196,8 @@ class ScoreModel(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        factory = self.optimizer_factory or (lambda params: torch.optim.Adam(params, lr=1e-3))
-        optimizer = factory(self.parameters())
+        factory = self.optimizer_factory or functools.partial(torch.optim.Adam, lr=1e-3)
+        optimizer = factory(self.parameters(), **optimizer_kwargs(factory, self.perf_settings(), self.parameters()))
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
@@ -181,6 +229,24 @@ class ScoreModel(L.LightningModule):
         self.eval()
         x = self.initial_samples(n, generator) if x_init is None else x_init.to(self.device)
         try:
+            fast = self._fast_forward()
+            if fast is not None:
+                perf = self.perf_settings()
+                return graphed_annealed_langevin(
+                    self._perf_score_fn(fast),
+                    x,
+                    self.sigmas,
+                    int(settings["n_steps_each"]),
+                    float(settings["step_lr"]),
+                    denoise=bool(settings["denoise"]),
+                    callback=callback,
+                    generator=generator,
+                    progress=progress,
+                    cuda_graphs=perf.cuda_graphs,
+                    steps_per_graph=perf.steps_per_graph,
+                    cache=self._perf.graph_cache,
+                    cache_token=parameter_token(self) if perf.cuda_graphs else None,
+                )
             return annealed_langevin(
                 self.score_fn,
                 x,
@@ -194,3 +260,11 @@ class ScoreModel(L.LightningModule):
             )
         finally:
             self.train(was_training)
+
+    def _perf_score_fn(self, fast):
+        """One score function per (fast forward, σ buffer), so captured CUDA graphs can be reused."""
+        key = (id(fast), self.sigmas.data_ptr())
+        score = self._perf.score_fns.get(key)
+        if score is None:
+            score = self._perf.score_fns[key] = score_function(fast, self.sigmas)
+        return score

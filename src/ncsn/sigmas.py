@@ -248,3 +248,9 @@ def ncsnv2_sigmas(
         sigma_max = s.sigma_max if sigma_max is None else sigma_max
         num_scales = s.num_scales if num_scales is None else num_scales
     return geometric_sigmas(sigma_max, sigma_min, num_scales)
+
+
+if __name__ == "__main__":  # python -m ncsn.sigmas suggest data=<name> steps_each=T
+    from ncsn.schedule_cli import main
+
+    main()

@@ -1,10 +1,137 @@
-"""Sweep plumbing (placeholder until the sweep work lands): W&B group and tags of multirun jobs."""
+"""Sweep plumbing: which overrides a multirun job sweeps, and its W&B group, tags and run name.
+
+``apply_sweep_metadata(cfg)`` is called by ``ncsn.training.train`` right after seeding. In a Hydra multirun
+(``python train.py -m ...``) with a ``logger.wandb`` entry it puts the job's W&B run
+
+* in the sweep's group (``logger.wandb.group`` = the sweep dir's basename, unless the user set a group),
+* tagged with the job's swept values (``sigmas.sigma_max=10``, ...),
+* under a name that ends with the job number (``toy_gmm-3``),
+
+so the runs of one sweep can be filtered and compared in W&B. The hyperparameters themselves are logged as
+config by ``train()``. Outside a multirun, or without W&B, it does nothing.
+
+"Swept" overrides are the ones that vary between the jobs of a sweep: the keys given as sweeps on the
+command line (``a=1,2``, ``range(...)``, ``choice(...)``; read from the sweep dir's ``multirun.yaml``) and
+the keys of ``hydra.sweeper.params`` (Optuna, or the basic sweeper's ``params``). When neither can be read
+every override of the job counts as swept. ``ncsn.report`` uses the same helpers.
+"""
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger("ncsn")
+
+WANDB_TAG_MAX_CHARS = 64  # W&B rejects longer tags
+
+
+def _parse(overrides: Iterable[str]) -> list[Any] | None:
+    """Hydra ``Override`` objects for ``overrides`` (None if any of them does not parse)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_overrides([str(o) for o in overrides])
+    except Exception:  # noqa: BLE001 - unparsable input: callers fall back to the raw strings
+        return None
+
+
+def override_items(overrides: Iterable[str]) -> list[tuple[str, str]]:
+    """``(key, value)`` pairs of command-line overrides, without ``+``/``++``/``~`` prefixes.
+
+    ``['sigmas.sigma_max=10', '+callbacks.x=2', 'trainer=ddp']`` →
+    ``[('sigmas.sigma_max', '10'), ('callbacks.x', '2'), ('trainer', 'ddp')]``.
+    """
+    overrides = [str(o) for o in overrides]
+    parsed = _parse(overrides)
+    if parsed is None:
+        items = []
+        for raw in overrides:
+            key, _, value = raw.partition("=")
+            items.append((key.lstrip("+~"), value))
+        return items
+    items = []
+    for raw, o in zip(overrides, parsed, strict=True):
+        key = o.key_or_group if o.package is None else f"{o.key_or_group}@{o.package}"
+        value = raw.partition("=")[2] if "=" in raw else ""
+        items.append((key, value))
+    return items
+
+
+def sweep_keys(sweep_overrides: Iterable[str] = (), sweeper_params: Mapping | None = None) -> set[str]:
+    """Keys a sweep varies: sweep-valued command-line overrides (``a=1,2``) and ``hydra.sweeper.params`` keys."""
+    keys: set[str] = set(str(k) for k in (sweeper_params or {}))
+    parsed = _parse(sweep_overrides)
+    if parsed is not None:
+        for o in parsed:
+            if o.is_sweep_override():
+                keys.add(o.key_or_group if o.package is None else f"{o.key_or_group}@{o.package}")
+    return keys
+
+
+def read_sweep_overrides(sweep_dir: str | Path) -> list[str]:
+    """The command-line overrides of a sweep, sweeps included (``<sweep dir>/multirun.yaml``; [] if absent)."""
+    path = Path(sweep_dir) / "multirun.yaml"
+    try:
+        cfg = OmegaConf.load(path)
+        task = OmegaConf.select(cfg, "hydra.overrides.task", default=None)
+    except Exception:  # noqa: BLE001 - a missing or unreadable file just means "unknown"
+        return []
+    return [str(t) for t in task] if task is not None else []
+
+
+def swept_items(job_overrides: Iterable[str], sweep_overrides: Iterable[str] = (),
+                sweeper_params: Mapping | None = None) -> list[tuple[str, str]]:
+    """The ``(key, value)`` pairs of a job's overrides that its sweep varies (all of them if unknown)."""
+    items = override_items(job_overrides)
+    keys = sweep_keys(sweep_overrides, sweeper_params)
+    if not keys:
+        return items
+    return [(k, v) for k, v in items if k in keys]
+
+
+def _tag(key: str, value: str) -> str:
+    tag = f"{key}={value}"
+    return tag if len(tag) <= WANDB_TAG_MAX_CHARS else tag[: WANDB_TAG_MAX_CHARS - 1] + "…"
 
 
 def apply_sweep_metadata(cfg: DictConfig) -> None:
-    """In a Hydra multirun, put the job's W&B run in the sweep's group and tag it with the swept values."""
-    return None
+    """In a Hydra multirun, put the job's W&B run in the sweep's group, tag it with the swept values and
+    add the job number to its name. No-op outside a multirun or without ``logger.wandb``."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return
+    wandb_cfg = OmegaConf.select(cfg, "logger.wandb", default=None)
+    if not isinstance(wandb_cfg, DictConfig):
+        return
+
+    sweep_dir = Path(str(hc.sweep.dir))
+    sweeper_params = OmegaConf.select(hc, "sweeper.params", default=None)
+    if sweeper_params is not None:
+        sweeper_params = OmegaConf.to_container(sweeper_params)
+    swept = swept_items(hc.overrides.task, read_sweep_overrides(sweep_dir), sweeper_params)
+    job_num = hc.job.get("num")
+
+    group = wandb_cfg.get("group")
+    tags = wandb_cfg.get("tags")
+    name = wandb_cfg.get("name")
+    tags = [str(t) for t in (OmegaConf.to_container(tags) if OmegaConf.is_config(tags) else tags or [])]
+    for key, value in swept:
+        tag = _tag(key, value)
+        if tag not in tags:
+            tags.append(tag)
+    base = str(name) if name else sweep_dir.name
+    with open_dict(cfg):
+        cfg.logger.wandb.group = str(group) if group else sweep_dir.name
+        cfg.logger.wandb.tags = tags
+        cfg.logger.wandb.name = base if job_num is None else f"{base}-{job_num}"
+    log.info("W&B: group %s, run %s, tags %s", cfg.logger.wandb.group, cfg.logger.wandb.name, tags)

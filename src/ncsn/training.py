@@ -71,6 +71,10 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     loggers = instantiate_group(cfg.get("logger"))
     check_trainer_config(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if "batch_size" in cfg.data:  # fail before processes are launched, not inside each of them
+        from ncsn.data.datamodules import per_device_batch_size
+
+        per_device_batch_size(cfg.data.batch_size, trainer.world_size)
     return {"datamodule": datamodule, "model": model, "callbacks": callbacks, "loggers": loggers,
             "trainer": trainer}
 

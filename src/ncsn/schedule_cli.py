@@ -1,0 +1,178 @@
+"""The σ-schedule helper: ``python -m ncsn.sigmas suggest data=<name> steps_each=T [key=value ...]``.
+
+Applies the NCSNv2 rules to a dataset of this project's config (``conf/data/<name>.yaml``):
+
+* technique 1: σ_1 = the largest pairwise distance between ``num_points`` training images (model range
+  [0, 1], as the network sees them; default: all of them, at most 10,000);
+* technique 2: the ratio γ (and so L) for which the technique-2 value is ``target`` (default 0.5; the
+  official NCSNv2 configs sit at ≈ 0.567, i.e. a few more levels);
+* technique 4: ``step_lr`` for ``steps_each`` Langevin steps per level;
+
+prints a small table and the Hydra overrides to paste after ``python train.py``.
+
+Arguments (``key=value``; any other ``key=value`` such as ``data.image_size=64`` or ``paths.data_dir=/data``
+goes to the config composition as a Hydra override):
+
+    data=NAME         a conf/data option (default: mnist_bundled)
+    steps_each=T      Langevin steps per noise level (default 5)
+    num_points=N      training images used for σ_1 (default: all, at most 10000)
+    sigma_min=S       the smallest σ (default 0.01)
+    sigma_max=S       skip technique 1 and use this σ_1
+    target=P          the technique-2 target (default 0.5)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from ncsn.errors import ConfigError, UserError
+
+EXIT_USER_ERROR = 2
+DEFAULT_MAX_POINTS = 10_000
+# below this many points the largest pairwise distance is noticeably biased low (see the half-sample check)
+MIN_STABLE_POINTS = 1_000
+OWN_KEYS = ("steps_each", "num_points", "sigma_min", "sigma_max", "target")
+USAGE = ("usage: python -m ncsn.sigmas suggest data=<name> steps_each=T [num_points=N] [sigma_min=0.01] "
+         "[sigma_max=S] [target=0.5] [data.<key>=...] [paths.data_dir=...]")
+
+
+def find_conf_dir() -> Path:
+    """The project's ``conf/`` dir: $NCSN_CONF_DIR, ./conf, or the one next to the package (editable install)."""
+    candidates = []
+    if os.environ.get("NCSN_CONF_DIR"):
+        candidates.append(Path(os.environ["NCSN_CONF_DIR"]))
+    candidates += [Path.cwd() / "conf", Path(__file__).resolve().parents[2] / "conf"]
+    for path in candidates:
+        if (path / "train.yaml").is_file() and (path / "data").is_dir():
+            return path.resolve()
+    raise UserError("cannot find the project's conf/ dir (with train.yaml); run from the repository root or "
+                    "set NCSN_CONF_DIR")
+
+
+def data_names(conf_dir: Path) -> list[str]:
+    return sorted(p.stem for p in (conf_dir / "data").glob("*.yaml"))
+
+
+def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Split ``key=value`` arguments into this tool's own settings and Hydra overrides."""
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(__doc__)
+        raise SystemExit(0)
+    if argv[0] != "suggest":
+        raise UserError(f"unknown command {argv[0]!r}; {USAGE}")
+    own: dict[str, str] = {}
+    overrides: list[str] = []
+    for arg in argv[1:]:
+        if "=" not in arg:
+            raise UserError(f"expected key=value, got {arg!r}; {USAGE}")
+        key, value = arg.split("=", 1)
+        if key in OWN_KEYS:
+            own[key] = value
+        else:
+            overrides.append(arg)
+    return own, overrides
+
+
+def _number(own: dict[str, str], key: str, kind: type, default):
+    if key not in own:
+        return default
+    try:
+        value = kind(own[key])
+    except ValueError:
+        raise UserError(f"{key} must be a {'whole number' if kind is int else 'number'} (got {own[key]!r})") from None
+    return value
+
+
+def compose_data_config(conf_dir: Path, overrides: list[str]):
+    """``cfg.data`` of conf/train.yaml composed with ``overrides`` (experiment off unless one is given)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    names = data_names(conf_dir)
+    chosen = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] in ("data", "+data", "++data")]
+    name = chosen[-1] if chosen else "mnist_bundled"
+    if name not in names:
+        raise UserError(f"unknown data {name!r}; choose one of: {', '.join(names)}")
+    if not chosen:
+        overrides = [f"data={name}", *overrides]
+    if not any(o.split("=", 1)[0].lstrip("+~") == "experiment" for o in overrides):
+        overrides = [*overrides, "~experiment"]  # an experiment would override the data choice
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3", job_name="sigmas_suggest"):
+            cfg = compose(config_name="train", overrides=overrides)
+    except Exception as exc:  # noqa: BLE001 - a bad override is the user's: one line
+        raise UserError(f"cannot compose the config: {str(exc).splitlines()[0]}") from exc
+    return name, cfg.data
+
+
+def suggest_main(argv: list[str]) -> None:
+    from ncsn.app import instantiate
+    from ncsn.sigmas import largest_pairwise_distance, suggest_schedule
+
+    own, overrides = parse_args(argv)
+    steps_each = _number(own, "steps_each", int, 5)
+    num_points = _number(own, "num_points", int, None)
+    sigma_min = _number(own, "sigma_min", float, 0.01)
+    sigma_max = _number(own, "sigma_max", float, None)
+    target = _number(own, "target", float, 0.5)
+    if num_points is not None and num_points < 2:
+        raise UserError(f"num_points must be >= 2 (got {num_points})")
+
+    conf_dir = find_conf_dir()
+    name, data_cfg = compose_data_config(conf_dir, overrides)
+    datamodule = instantiate(data_cfg)
+    datamodule.setup("fit")
+    total = len(datamodule.train_set)
+    n = min(total, num_points if num_points is not None else DEFAULT_MAX_POINTS)
+    start = time.perf_counter()
+    x = datamodule.sample_batch(n)
+    dim = int(x[0].numel())
+    lines = [f"data: {name}, {total} training examples of shape {tuple(x.shape[1:])} (D = {dim}), "
+             f"model range [0, 1]"]
+    if sigma_max is None:
+        sigma_max = largest_pairwise_distance(x)
+        half = largest_pairwise_distance(x[: max(2, n // 2)])
+        lines.append(f"technique 1: sigma_1 = largest pairwise distance over {n} of {total} training points "
+                     f"= {sigma_max:.4g} ({time.perf_counter() - start:.1f} s; over the first {max(2, n // 2)}: "
+                     f"{half:.4g}, {100 * (sigma_max - half) / sigma_max:.1f}% lower)")
+        if n < min(total, MIN_STABLE_POINTS):
+            lines.append(f"warning: {n} points may underestimate sigma_1; use num_points>={MIN_STABLE_POINTS} "
+                         "(or all) for a stable value")
+    else:
+        lines.append(f"technique 1 skipped: sigma_1 = {sigma_max:g} (given)")
+    try:
+        s = suggest_schedule(None, sigma_max=sigma_max, sigma_min=sigma_min, n_steps_each=steps_each,
+                             dim=dim, target=target)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from exc
+    table = [
+        ("sigma_1 (sigma_max)", f"{s.sigma_max:.4g}"),
+        ("sigma_L (sigma_min)", f"{s.sigma_min:g}"),
+        ("L (num_scales)", f"{s.num_scales}"),
+        ("gamma (sigma_i-1 / sigma_i)", f"{s.ratio:.5f}"),
+        (f"technique-2 value (target {target:g})", f"{s.technique2:.4f}"),
+        ("step_lr (technique 4)", f"{s.step_lr:.3g}"),
+        ("T (n_steps_each)", f"{s.n_steps_each}"),
+        ("sampling steps L*T", f"{s.num_scales * s.n_steps_each}"),
+    ]
+    width = max(len(k) for k, _ in table)
+    lines.append("")
+    lines += [f"  {k:<{width}}  {v}" for k, v in table]
+    lines += ["", "Hydra overrides (paste after `python train.py`):", s.overrides()]
+    if not math.isclose(target, 0.5):
+        lines.insert(-2, f"(technique-2 target {target:g})")
+    print("\n".join(lines), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        suggest_main(argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USER_ERROR) from None

@@ -1,0 +1,37 @@
+"""Shared fixtures: running the real entry points, and one tiny trained run reused by several tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))  # tests/fakes.py
+
+
+def run_entry(script: str, *overrides: str, timeout: int = 600, env: dict | None = None,
+              cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``python train.py|sample.py overrides...`` as a user would (offline W&B)."""
+    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+    full_env.pop("HYDRA_FULL_ERROR")
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, str(ROOT / script), *overrides], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=cwd or ROOT)
+
+
+# Overrides that make a run tiny: NCSN with ngf 8 on the bundled digits, 4 steps, checkpoints every 2.
+TINY = ["experiment=mnist_paper", "debug=smoke", "model.net.ngf=8", "data.batch_size=16"]
+EMA_ON = "callbacks.ema={_target_:lightning.pytorch.callbacks.EMAWeightAveraging,decay:0.9}"
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """One real ``train.py`` run (offline W&B, EMA on) shared by the training and sampling tests."""
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    result = run_entry("train.py", *TINY, EMA_ON, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir

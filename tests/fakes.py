@@ -1,0 +1,75 @@
+"""Tiny datasets written in each dataset's REAL on-disk format, read back through the code users run."""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def write_idx(path: Path, arr: np.ndarray) -> None:
+    """IDX file: big-endian magic 0x0000080N (uint8, N dims; 2051 images, 2049 labels), N dims, raw bytes."""
+    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+    path.write_bytes(struct.pack(">I", 0x0800 | arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+                     + arr.tobytes())
+
+
+def write_mnist(root: Path, n_train: int = 8, n_test: int = 4, seed: int = 0) -> dict:
+    """``root/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte`` as torchvision expects them."""
+    raw = Path(root) / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    data = {}
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        write_idx(raw / f"{split}-images-idx3-ubyte", images)
+        write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
+        data[split] = (images, labels)
+    return data
+
+
+def write_cifar(root: Path, key_type=bytes, per_batch: int = 2, n_test: int = 3, seed: int = 1) -> dict:
+    """The python-version batches: pickled dicts with data uint8 [N, 3072] (R, G, B planes) and labels."""
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def key(s):
+        return s.encode() if key_type is bytes else s
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, n in [*((f"data_batch_{i}", per_batch) for i in range(1, 6)), ("test_batch", n_test)]:
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, n).tolist()
+        batch = {key("batch_label"): key(name), key("labels"): labels, key("data"): data,
+                 key("filenames"): [key(f"img_{j}.png") for j in range(n)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+        out[name] = (data, labels)
+    meta = {key("label_names"): [key(c) for c in CIFAR_CLASSES], key("num_cases_per_batch"): per_batch,
+            key("num_vis"): 3072}
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump(meta, f, protocol=2)
+    return out
+
+
+def write_celeba(root: Path, partitions: list[int], seed: int = 2) -> Path:
+    """``root/celeba/img_align_celeba/NNNNNN.jpg`` (178 x 218 like the real aligned images) and
+    ``root/celeba/list_eval_partition.txt`` (0 train, 1 valid, 2 test)."""
+    folder = Path(root) / "celeba"
+    img_dir = folder / "img_align_celeba"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(1, len(partitions) + 1):
+        pixels = rng.integers(0, 256, (218, 178, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(img_dir / f"{i:06d}.jpg", quality=90)
+    (folder / "list_eval_partition.txt").write_text(
+        "".join(f"{i:06d}.jpg {p}\n" for i, p in enumerate(partitions, 1))
+    )
+    return folder
