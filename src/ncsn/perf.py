@@ -196,9 +196,13 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
 
 
 def _fp32_norm_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """The module's own forward with a float32 input and autocast off (a no-op for fp32 input, no autocast)."""
+    """The module's own forward with a contiguous float32 input and autocast off (a no-op for a contiguous
+    fp32 input without autocast). Contiguous: ``F.instance_norm`` views [B, C, H, W] as [1, B*C, H, W]
+    (ATen copies a channels_last input anyway), and AOTAutograd mis-predicts the gradient's strides of that
+    view for channels_last inputs ("view size is not compatible" in the compiled backward)."""
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
+    x = x.contiguous()
     with torch.autocast(x.device.type, enabled=False):
         return type(self).forward(self, x, *args, **kwargs)
 
@@ -223,14 +227,14 @@ def fp32_norms(net: nn.Module, types_: tuple[type[nn.Module], ...] = NORM_TYPES)
 
 
 def prepare_net(net: nn.Module, settings: PerfSettings) -> nn.Module:
-    """The in-place part of the fast path: channels_last weights, fp32 norm statistics under bf16.
+    """The in-place part of the fast path: channels_last weights, norms in fp32 on NCHW inputs.
 
     Parameter names, shapes and values are unchanged (checkpoints stay interchangeable); the Parameter
     objects are kept, so an optimizer built before or after sees the same tensors. Returns ``net``.
     """
     if settings.channels_last:
         net.to(memory_format=torch.channels_last)  # only 4-D tensors change layout
-    if settings.bf16:
+    if settings.bf16 or settings.channels_last:
         fp32_norms(net)
     return net
 

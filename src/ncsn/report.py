@@ -118,9 +118,10 @@ def latest_sample_png(job_dir: Path) -> Path | None:
 
 def read_job(path: Path) -> Job:
     hydra_cfg = _load_yaml(path / ".hydra" / "hydra.yaml")
-    num = OmegaConf.select(hydra_cfg, "hydra.job.num", default=None) if hydra_cfg is not None else None
-    if num is None and path.name.isdigit():
-        num = int(path.name)
+    # the dir name is the job number with Hydra's default subdir; else hydra.job.num from .hydra/hydra.yaml
+    num = int(path.name) if path.name.isdigit() else None
+    if num is None and hydra_cfg is not None:
+        num = OmegaConf.select(hydra_cfg, "hydra.job.num", default=None)
     job = Job(path=path, num=None if num is None else int(num))
     if hydra_cfg is not None:
         params = OmegaConf.select(hydra_cfg, "hydra.sweeper.params", default=None)
@@ -158,14 +159,15 @@ def swept_columns(jobs: list[Job], sweep_dir: Path) -> list[str]:
     declared = sweep_keys(read_sweep_overrides(sweep_dir), params)
     order: list[str] = []
     values: dict[str, set] = {}
-    for job in jobs:
+    with_overrides = [job for job in jobs if job.overrides]  # a dir without .hydra/ says nothing
+    for job in with_overrides:
         for key, value in job.overrides:
             if key not in values:
                 order.append(key)
                 values[key] = set()
             values[key].add(value)
     for key in order:  # a key missing from some job also varies
-        if any(key not in dict(job.overrides) for job in jobs):
+        if any(key not in dict(job.overrides) for job in with_overrides):
             values[key].add(None)
     return [k for k in order if k in declared or len(values[k]) > 1] + sorted(declared - set(order))
 
@@ -285,7 +287,7 @@ def plot_val_loss_per_sigma(path: Path, jobs: list[Job], swept: list[str]) -> in
     ax.set_title("Per-level validation loss")
     ax.grid(True, which="both", alpha=0.3)
     if lines:
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     else:
         ax.text(0.5, 0.5, "no job has per-level validation losses yet", ha="center", va="center",
                 transform=ax.transAxes)
@@ -334,13 +336,13 @@ def write_markdown(path: Path, sweep_dir: Path, jobs: list[Job], swept: list[str
            f"- sweep dir: `{sweep_dir.resolve()}`",
            f"- jobs: {len(jobs)} ({n_ok} ok, {len(jobs) - n_ok} failed)",
            f"- swept: {', '.join(f'`{k}`' for k in swept) or '(none found)'}"]
-    fixed = fixed_overrides(jobs, swept)
+    fixed = fixed_overrides([j for j in jobs if j.overrides], swept)
     if fixed:
         out.append(f"- shared overrides: `{' '.join(fixed)}`")
     scored = [(r["val/loss"], r) for r in rows if r["status"] == "ok" and r["val/loss"] is not None]
     if scored:
         best = min(scored, key=lambda t: t[0])[1]
-        values = ", ".join(f"{k}={best[k]}" for k in swept)
+        values = ", ".join(f"{k}={best[k]}" for k in swept if best[k] not in ("", None))
         out.append(f"- best val/loss: {best['val/loss']:.4g} (job {best['job']}{': ' + values if values else ''})")
     out.append("")
     level_cols = [c for c in columns if SIGMA_KEY.match(c)]

@@ -142,7 +142,8 @@ def run_trajectory(model, cfg, out: Path, overrides: dict) -> dict:
     frames.append(x0.clamp(0, 1).cpu())
     final = model.sample(int(cfg.trajectory.num), generator=generator, callback=record, x_init=x0,
                          progress=cfg.progress, **overrides).cpu()
-    frames.append(final.clamp(0, 1))
+    if not torch.equal(final.clamp(0, 1), frames[-1]):  # the denoising step adds a last frame
+        frames.append(final.clamp(0, 1))
     stacked = torch.stack(frames, dim=1)  # [N, frames, C, H, W]
     files = {}
     for i, seq in enumerate(stacked):

@@ -105,7 +105,7 @@ def compose_data_config(conf_dir: Path, overrides: list[str]):
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3", job_name="sigmas_suggest"):
             cfg = compose(config_name="train", overrides=overrides)
-    except Exception as exc:  # noqa: BLE001 - a bad override is the user's: one line
+    except Exception as exc:  # a bad override is the user's: one line
         raise UserError(f"cannot compose the config: {str(exc).splitlines()[0]}") from exc
     return name, cfg.data
 
@@ -132,8 +132,8 @@ def suggest_main(argv: list[str]) -> None:
     start = time.perf_counter()
     x = datamodule.sample_batch(n)
     dim = int(x[0].numel())
-    lines = [f"data: {name}, {total} training examples of shape {tuple(x.shape[1:])} (D = {dim}), "
-             f"model range [0, 1]"]
+    shape = tuple(x.shape[1:])
+    lines = [f"data: {name}, {total} training examples of shape {shape} (D = {dim}), model range [0, 1]"]
     if sigma_max is None:
         sigma_max = largest_pairwise_distance(x)
         half = largest_pairwise_distance(x[: max(2, n // 2)])
