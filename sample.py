@@ -3,10 +3,15 @@
 Composes conf/sample.yaml and calls ncsn.sampling_app.sample. See README.md.
 """
 
+import sys
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
-from ncsn.app import user_errors_exit
+from ncsn.app import run_entry_point, user_errors_exit
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
@@ -18,4 +23,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main, CONF_DIR, sys.argv[1:])

@@ -303,22 +303,39 @@ def test_wandb_offline_sweep_records_group_tags_and_name(tmp_path):
         assert expect in log, log[-3000:]
         runs = list((d / "wandb").glob("offline-run-*/run-*.wandb"))
         assert len(runs) == 1, list((d / "wandb").rglob("*"))
-        from wandb.proto import wandb_internal_pb2
-        from wandb.sdk.internal import datastore
+        run = _wandb_run_record(runs[0])
+        assert run.run_group == "wb_sweep"
+        assert run.display_name == f"toy_gmm-{d.name}"
+        assert list(run.tags) == ["toy", f"sigmas.num_scales={5 + int(d.name)}"]
 
-        store = datastore.DataStore()
-        store.open_for_scan(str(runs[0]))
-        run_record = None
-        while (data := store.scan_data()) is not None:
-            rec = wandb_internal_pb2.Record()
-            rec.ParseFromString(data)
-            if rec.WhichOneof("record_type") == "run":
-                run_record = rec.run
-                break
-        assert run_record is not None
-        assert run_record.run_group == "wb_sweep"
-        assert run_record.display_name == f"toy_gmm-{d.name}"
-        assert f"sigmas.num_scales={5 + int(d.name)}" in list(run_record.tags)
+
+def _wandb_run_record(path: Path):
+    """The RunRecord of an offline ``run-*.wandb`` file (LevelDB-style log of protobuf ``Record``s: 7-byte file
+    header, 32 KiB blocks, 7-byte chunk headers crc/length/type with FULL=1 FIRST=2 MIDDLE=3 LAST=4)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    pos, block, pending = 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (2, 3):
+            pending += chunk
+            continue
+        if kind not in (1, 4):
+            continue
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(pending + chunk)
+        pending = b""
+        if record.WhichOneof("record_type") == "run":
+            return record.run
+    raise AssertionError(f"no run record in {path}")
 
 
 # ------------------------------------------------------------------------------------------------ (2) DDP in a multirun

@@ -105,3 +105,86 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
             raise UserError(f"config entry '{name}' needs a _target_ (got {OmegaConf.to_yaml(entry).strip()})")
         objects.append(instantiate(entry))
     return objects
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def _group_options(group_dir) -> list[str]:
+    return sorted(p.stem for p in group_dir.glob("*.yaml"))
+
+
+def _check_writable(path, what: str) -> None:
+    from pathlib import Path
+
+    p = Path(path).expanduser().absolute()
+    ancestor = p
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"{what} '{p}' cannot be created: '{ancestor}' is a file; choose another directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"{what} '{p}' is not writable (no write permission on '{ancestor}'); choose another")
+
+
+def _holds_a_run(path) -> bool:
+    from pathlib import Path
+
+    p = Path(path)
+    return any(p.glob("checkpoints/*.ckpt")) or (p / "samples.png").exists() or (p / "metrics.json").exists()
+
+
+def precheck_command_line(conf_dir, argv: list[str]) -> None:
+    """Catch, before Hydra composes anything or creates a directory, the command-line mistakes Hydra would
+    report in many lines or act on destructively:
+
+    * an unknown option of a config group (``data=foo``, ``experiment=bar``): one line listing the valid ones;
+    * ``hydra.run.dir`` pointing at an earlier run (never overwritten; resume it with ``auto_resume=true`` or
+      ``ckpt_path=`` inside it) or somewhere that cannot be written.
+    """
+    from pathlib import Path
+
+    conf_dir = Path(conf_dir)
+    values: dict[str, str] = {}
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        values[key] = value
+        if key.startswith("hydra") or "(" in value or key.startswith("debug") and value == "null":
+            continue
+        group_dir = conf_dir / key
+        if not group_dir.is_dir():
+            continue
+        options = _group_options(group_dir)
+        for option in value.split(","):
+            option = option.strip()
+            if option and option != "null" and option not in options:
+                raise UserError(f"unknown {key} '{option}'; choose one of: {', '.join(options)}")
+    run_dir = values.get("hydra.run.dir")
+    if run_dir:
+        resuming = values.get("auto_resume", "false").lower() == "true" or (
+            values.get("ckpt_path") and Path(values["ckpt_path"]).absolute().is_relative_to(Path(run_dir).absolute())
+        )
+        if Path(run_dir).exists() and _holds_a_run(run_dir) and not resuming:
+            raise UserError(
+                f"output dir '{run_dir}' already holds a run and is never overwritten; choose a new hydra.run.dir "
+                "or resume that run with auto_resume=true"
+            )
+        _check_writable(run_dir, "output dir")
+    else:
+        _check_writable(values.get("paths.log_dir", "outputs"), "output dir")
+
+
+def run_entry_point(main: Callable[[], Any], conf_dir, argv: list[str]) -> None:
+    """Pre-check the command line (one clear line and exit 2 on a mistake), then run the Hydra main."""
+    if os.environ.get("LOCAL_RANK", "0") != "0":  # a DDP child re-launched by Lightning: already checked
+        main()
+        return
+    try:
+        precheck_command_line(conf_dir, argv)
+    except UserError as exc:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+    main()

@@ -131,6 +131,9 @@ class RunRecordCallback(L.Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint["ncsn_config"] = self.config
+        for logger in trainer.loggers:  # lets a resumed run continue the same W&B run
+            if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
+                checkpoint["wandb_run_id"] = logger.version
 
 
 class MetricsFileCallback(L.Callback):
@@ -177,3 +180,29 @@ class MetricsFileCallback(L.Callback):
         tmp = self.path.with_name(self.path.name + ".part")
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         os.replace(tmp, self.path)
+
+
+class RngStateCallback(L.Callback):
+    """Saves the random-number states (torch CPU/CUDA, numpy, python) in every checkpoint and restores them
+    on resume, so a resumed run draws the same noise levels, noise and data order as an uninterrupted one."""
+
+    def state_dict(self) -> dict:
+        import random
+
+        import numpy as np
+
+        state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        import random
+
+        import numpy as np
+
+        torch.set_rng_state(state_dict["torch"])
+        np.random.set_state(state_dict["numpy"])
+        random.setstate(state_dict["python"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])

@@ -37,3 +37,47 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if "ncsn_config" not in ckpt:
         raise CheckpointError(f"'{p}' has no ncsn_config; it was not written by ncsn's train.py")
     return ckpt
+
+
+class AtomicCheckpointIO:
+    """A Lightning CheckpointIO that never leaves a truncated checkpoint behind.
+
+    Each checkpoint is written to ``<name>.part`` in the same directory, flushed to disk, then renamed over
+    the target with ``os.replace`` (atomic on POSIX). A process killed at any moment leaves either the
+    previous complete file or the new complete file; at worst a stray ``.part`` that nothing reads.
+    """
+
+    def __new__(cls, *args, **kwargs):  # build the subclass lazily so this module imports without Lightning
+        from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+        class _Atomic(TorchCheckpointIO):
+            def save_checkpoint(self, checkpoint, path, storage_options=None):
+                import os
+
+                target = Path(path)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(target.name + ".part")
+                with open(tmp, "wb") as f:
+                    torch.save(checkpoint, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+
+        return _Atomic(*args, **kwargs)
+
+
+def check_checkpoint_matches(model: torch.nn.Module, path: str | Path) -> None:
+    """Raise a CheckpointError when the checkpoint's weights do not fit ``model`` (another model config)."""
+    ckpt = load_checkpoint(path)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()}
+    if expected == found:
+        return
+    missing = sorted(set(expected) - set(found))
+    wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+    detail = (f"{len(missing)} missing weights" if missing else "") + (
+        f"{', ' if missing else ''}{wrong[0]} is {found[wrong[0]]} not {expected[wrong[0]]}" if wrong else "")
+    raise CheckpointError(
+        f"checkpoint '{path}' was trained with a different model config ({detail or 'other weights'}); "
+        "use the same model/data/sigmas settings as its run (see its checkpoints/config.yaml)"
+    )

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from ncsn.errors import ConfigError
+from ncsn.errors import ConfigError, UserError
 from ncsn.losses import LossOutput, dsm_loss, sliced_score_matching_loss
 from ncsn.nets import score_function
 from ncsn.perf import PerfRuntime, PerfSettings, graphed_annealed_langevin, optimizer_kwargs, parameter_token
@@ -28,7 +28,7 @@ LOSSES = {"dsm": dsm_loss, "ssm": sliced_score_matching_loss}
 DEFAULT_SAMPLER = {"n_steps_each": 100, "step_lr": 2e-5, "denoise": False, "init_low": 0.0, "init_high": 1.0}
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """Training produced a NaN or infinite loss."""
 
 

@@ -16,7 +16,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ncsn.app import instantiate, instantiate_group
-from ncsn.callbacks import MetricsFileCallback, RunRecordCallback
+from ncsn.callbacks import MetricsFileCallback, RngStateCallback, RunRecordCallback
+from ncsn.checkpoints import AtomicCheckpointIO, check_checkpoint_matches, check_checkpoint_path, load_checkpoint
 from ncsn.errors import ConfigError
 from ncsn.sweeps import apply_sweep_metadata
 
@@ -68,15 +69,66 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     callbacks.append(RunRecordCallback(resolved, output_dir(cfg) / "checkpoints"))
     callbacks.append(MetricsFileCallback(output_dir(cfg) / "metrics.json"))
+    callbacks.append(RngStateCallback())
+    fall_back_to_offline_wandb(cfg)
     loggers = instantiate_group(cfg.get("logger"))
     check_trainer_config(cfg)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                     plugins=[AtomicCheckpointIO()])
     if "batch_size" in cfg.data:  # fail before processes are launched, not inside each of them
         from ncsn.data.datamodules import per_device_batch_size
 
         per_device_batch_size(cfg.data.batch_size, trainer.world_size)
     return {"datamodule": datamodule, "model": model, "callbacks": callbacks, "loggers": loggers,
             "trainer": trainer}
+
+
+def wandb_has_credentials() -> bool:
+    import netrc
+    import os
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def fall_back_to_offline_wandb(cfg: DictConfig) -> None:
+    """W&B online without an API key would fail inside wandb.init: log offline instead, and say so."""
+    import os
+
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb")
+    if not wandb_cfg or wandb_cfg.get("offline", True) or os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+        return
+    if not wandb_has_credentials():
+        log.warning("W&B online was asked for but no API key is set (WANDB_API_KEY or `wandb login`): "
+                    "logging offline into the run dir instead; sync later with `wandb sync`")
+        with open_dict(cfg):
+            cfg.logger.wandb.offline = True
+
+
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint to resume from: ``ckpt_path``, or with ``auto_resume=true`` the run dir's last.ckpt."""
+    ckpt_path = cfg.get("ckpt_path")
+    if not ckpt_path and cfg.get("auto_resume"):
+        last = output_dir(cfg) / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            ckpt_path = str(last)
+    return str(check_checkpoint_path(ckpt_path)) if ckpt_path else None
+
+
+def continue_wandb_run(cfg: DictConfig, ckpt_path: str) -> None:
+    """Resume the W&B run the checkpoint was logged to (its id is stored in the checkpoint)."""
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb")
+    if not wandb_cfg or wandb_cfg.get("id"):
+        return
+    run_id = load_checkpoint(ckpt_path).get("wandb_run_id")
+    if run_id:
+        with open_dict(cfg):
+            cfg.logger.wandb.id = run_id
+            cfg.logger.wandb.resume = "allow"
 
 
 def close_loggers(loggers: list) -> None:
@@ -99,17 +151,16 @@ def train(cfg: DictConfig) -> float | None:
     run_dir = output_dir(cfg)
     log.info("Run directory: %s", run_dir.resolve())
 
+    ckpt_path = resume_checkpoint(cfg)
+    if ckpt_path:
+        continue_wandb_run(cfg, ckpt_path)
     objects = build(cfg)
     trainer: L.Trainer = objects["trainer"]
+    if ckpt_path:
+        check_checkpoint_matches(objects["model"], ckpt_path)
+        log.info("Resuming from %s", ckpt_path)
     for logger in objects["loggers"]:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path:
-        from ncsn.checkpoints import check_checkpoint_path
-
-        check_checkpoint_path(ckpt_path)
-        log.info("Resuming from %s", ckpt_path)
     try:
         trainer.fit(objects["model"], datamodule=objects["datamodule"], ckpt_path=ckpt_path)
     finally:
