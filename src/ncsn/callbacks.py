@@ -186,12 +186,20 @@ class RngStateCallback(L.Callback):
     """Saves the random-number states (torch CPU/CUDA, numpy, python) in every checkpoint and restores them
     on resume, so a resumed run draws the same noise levels, noise and data order as an uninterrupted one."""
 
+    # Stored as tensors, lists and numbers only, so Lightning's weights_only checkpoint loading accepts them.
     def state_dict(self) -> dict:
         import random
 
         import numpy as np
 
-        state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        version, mt, gauss = random.getstate()
+        state = {
+            "torch": torch.get_rng_state(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached": float(cached)},
+            "python": {"version": version, "mt": list(mt), "gauss": gauss},
+        }
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
@@ -202,7 +210,9 @@ class RngStateCallback(L.Callback):
         import numpy as np
 
         torch.set_rng_state(state_dict["torch"])
-        np.random.set_state(state_dict["numpy"])
-        random.setstate(state_dict["python"])
+        n = state_dict["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+        p = state_dict["python"]
+        random.setstate((p["version"], tuple(p["mt"]), p["gauss"]))
         if "cuda" in state_dict and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state_dict["cuda"])

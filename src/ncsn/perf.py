@@ -196,15 +196,19 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
 
 
 def _fp32_norm_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """The module's own forward with a contiguous float32 input and autocast off (a no-op for a contiguous
-    fp32 input without autocast). Contiguous: ``F.instance_norm`` views [B, C, H, W] as [1, B*C, H, W]
-    (ATen copies a channels_last input anyway), and AOTAutograd mis-predicts the gradient's strides of that
-    view for channels_last inputs ("view size is not compatible" in the compiled backward)."""
+    """The module's own forward with a float32 input and autocast off; a channels_last input gives a
+    channels_last output (``F.instance_norm`` returns NCHW whatever its input). A no-op for an NCHW fp32
+    input without autocast.
+
+    Keeping the layout matters beyond speed: a contiguous activation meeting a channels_last conv weight
+    makes the compiled backward's predicted gradient strides differ from the real ones ("view size is not
+    compatible with input tensor's size and stride" from AOTAutograd)."""
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
-    x = x.contiguous()
     with torch.autocast(x.device.type, enabled=False):
-        return type(self).forward(self, x, *args, **kwargs)
+        out = type(self).forward(self, x, *args, **kwargs)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
 def fp32_norms(net: nn.Module, types_: tuple[type[nn.Module], ...] = NORM_TYPES) -> int:

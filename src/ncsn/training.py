@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -72,6 +73,8 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     callbacks.append(RngStateCallback())
     fall_back_to_offline_wandb(cfg)
     loggers = instantiate_group(cfg.get("logger"))
+    if not loggers:  # nothing to report learning rates to (Lightning would refuse to start)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     check_trainer_config(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      plugins=[AtomicCheckpointIO()])

@@ -1,0 +1,371 @@
+"""Sample quality per GPU-minute (issue 8): train each experiment for the same wall-clock budget through the
+real app, sample from its last checkpoint, and score the samples. A benchmark, not a test.
+
+    python bench/quality.py                                   # mnist_paper vs mnist, 5 min each, 1,000 samples
+    python bench/quality.py --tiny                            # CPU smoke run of the whole pipeline (minutes)
+    python bench/quality.py --run-dirs bench/.runs/mnist_X    # score existing runs, no training
+
+For each experiment:
+
+1. ``python train.py experiment=X logger=csv ++trainer.max_time=<budget> trainer.min_epochs=0
+   callbacks.sample_grid=null callbacks.progress_bar=null hydra.run.dir=bench/.runs/X_<timestamp> [--extra]``
+   (the budget caps training by wall clock; the experiment's own ``max_steps`` still applies; the end-of-run
+   sample grid is switched off because step 2 samples anyway);
+2. ``python sample.py ckpt_path=<run>/checkpoints/last.ckpt num_samples=N ...`` → ``samples.npz`` (uint8);
+3. the scores below, against the project's own 500 held-out bundled digits (``data=mnist_bundled``).
+
+Definitions (images as uint8 / 255, so in [0, 1]):
+
+* **degenerate**: pixel std < 0.10 (near-constant: blank or flat grey), or mean > 0.35, or more than 35 % of
+  the pixels above 0.5 (white / grey blobs). Over the 5,000 real digits the std is ≥ 0.148 and the mean and
+  the bright share are ≤ 0.31, so no real digit is flagged; the real rate is printed every run.
+* **class shares**: the share of each digit among the NON-degenerate samples, by ``bench/digit_classifier.py``
+  (a small CNN trained by the bench on the 4,500 training digits, cached in ``bench/.cache/``; its held-out
+  accuracy is printed and must be ≥ 95 %).
+* **Fréchet (feature)**: the Fréchet distance between Gaussians fitted to the classifier's 128-d penultimate
+  features of ALL N samples and of the 500 held-out digits (an MNIST "FID"). **floor**: the same distance for
+  N real training digits (a fixed random subset; all 4,500 when N > 4,500) against the same 500 held-out
+  digits: what a perfect sampler would score at this sample count (Fréchet distances are biased upward at
+  small N).
+
+Targets (issue 8): degenerate < 1 %, every class share within 10 % ± 3 %, Fréchet ≤ 3 × floor.
+
+Runs go to ``bench/.runs/``, the classifier to ``bench/.cache/`` (both git-ignored); a JSON of the results is
+written next to the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+import digit_classifier as dc  # noqa: E402
+
+RUNS_DIR = BENCH / ".runs"
+
+# degenerate-sample rule (calibrated on the 5,000 real digits: see the module docstring)
+STD_MIN = 0.10
+MEAN_MAX = 0.35
+BRIGHT_SHARE_MAX = 0.35  # share of pixels above 0.5
+
+# targets
+DEGENERATE_MAX = 0.01
+CLASS_SHARE_TOL = 0.03
+FRECHET_FLOOR_FACTOR = 3.0
+
+TINY_BUDGET = 60
+TINY_SAMPLES = 64
+TINY_TRAIN_EXTRA = ["trainer.accelerator=cpu", "model.net.ngf=8", "data.batch_size=32",
+                    "trainer.limit_val_batches=2"]
+# raw weights: a 0.999 EMA of ~100 steps is still mostly the initial network
+TINY_SAMPLE_EXTRA = ["sampler.n_steps_each=1", "device=cpu", "use_ema=false"]
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def degenerate_mask(images: np.ndarray) -> np.ndarray:
+    """True for each degenerate image (uint8 [N, H, W(, 1)]): near-constant, or mostly bright."""
+    x = np.asarray(images, dtype=np.float64).reshape(len(images), -1) / 255.0
+    return (x.std(1) < STD_MIN) | (x.mean(1) > MEAN_MAX) | ((x > 0.5).mean(1) > BRIGHT_SHARE_MAX)
+
+
+def class_shares(labels: np.ndarray) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return np.full(10, np.nan)
+    return np.bincount(labels, minlength=10)[:10] / labels.size
+
+
+def gaussian_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return feats.mean(0), np.cov(feats, rowvar=False)
+
+
+def frechet_distance(stats1: tuple[np.ndarray, np.ndarray], stats2: tuple[np.ndarray, np.ndarray]) -> float:
+    """‖μ1 − μ2‖² + tr(C1 + C2 − 2 (C1^½ C2 C1^½)^½), through symmetric eigendecompositions (stable for
+    the rank-deficient covariances of small sample counts)."""
+    mu1, c1 = stats1
+    mu2, c2 = stats2
+    w, v = np.linalg.eigh(c1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    middle = root1 @ c2 @ root1
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2.0 * cross)
+
+
+class Reference:
+    """The classifier and everything real-data side: held-out feature statistics and the floors."""
+
+    def __init__(self, classifier_dir: Path, verbose: bool = True) -> None:
+        self.model, self.info = dc.load_or_train(classifier_dir, verbose=verbose)
+        if self.info["test_accuracy"] < dc.MIN_ACCURACY:
+            raise SystemExit(f"the digit classifier reaches only {self.info['test_accuracy']:.2%} on the held-out "
+                             f"digits (need {dc.MIN_ACCURACY:.0%}); run python bench/digit_classifier.py --retrain")
+        split = dc.bundled_split()
+        self.train_images, self.val_images = split["train_images"], split["val_images"]
+        self.train_feats = dc.features(self.model, self.train_images)
+        self.val_stats = gaussian_stats(dc.features(self.model, self.val_images))
+        self.real_degenerate = {"held-out": float(degenerate_mask(self.val_images).mean()),
+                                "train": float(degenerate_mask(self.train_images).mean())}
+        self.train_shares = class_shares(split["train_labels"])
+        self._floors: dict[int, float] = {}
+
+    def floor(self, n: int) -> float:
+        """Fréchet distance of ``n`` random real training digits (fixed seed) to the held-out digits."""
+        n = min(int(n), len(self.train_feats))
+        if n not in self._floors:
+            idx = np.random.default_rng(0).permutation(len(self.train_feats))[:n]
+            self._floors[n] = frechet_distance(gaussian_stats(self.train_feats[idx]), self.val_stats)
+        return self._floors[n]
+
+    def score(self, samples: np.ndarray) -> dict:
+        samples = np.asarray(samples)
+        if samples.ndim == 4 and samples.shape[-1] != 1 or tuple(samples.shape[1:3]) != (28, 28):
+            raise SystemExit(f"samples of shape {samples.shape} are not 28x28 grey digits")
+        degenerate = degenerate_mask(samples)
+        good = samples[~degenerate]
+        shares = class_shares(dc.predict(self.model, good)) if len(good) else class_shares([])
+        fd = frechet_distance(gaussian_stats(dc.features(self.model, samples)), self.val_stats)
+        floor = self.floor(len(samples))
+        return {"num_samples": int(len(samples)), "degenerate": float(degenerate.mean()),
+                "class_shares": [None if np.isnan(s) else float(s) for s in shares],
+                "min_share": None if np.isnan(shares).any() else float(shares.min()),
+                "max_share": None if np.isnan(shares).any() else float(shares.max()),
+                "frechet": fd, "floor": floor, "floor_count": min(len(samples), len(self.train_feats)),
+                "ratio": fd / floor if floor > 0 else float("inf")}
+
+
+def targets(result: dict) -> dict[str, bool]:
+    shares = result["class_shares"]
+    return {
+        "degenerate < 1%": result["degenerate"] < DEGENERATE_MAX,
+        "classes 10% ± 3%": None not in shares and all(abs(s - 0.1) <= CLASS_SHARE_TOL for s in shares),
+        f"Fréchet ≤ {FRECHET_FLOOR_FACTOR:g}× floor": result["ratio"] <= FRECHET_FLOOR_FACTOR,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- the app
+def max_time_string(seconds: float) -> str:
+    """Lightning's ``DD:HH:MM:SS`` for a whole number of seconds."""
+    s = max(1, int(round(seconds)))
+    return f"{s // 86400:02d}:{s % 86400 // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def run_logged(cmd: list[str], log_path: Path, env: dict, timeout: float | None) -> tuple[int, float]:
+    """Run ``cmd`` in the repository root with stdout + stderr to ``log_path``; returns (exit code, seconds)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(cmd) + "\n\n")
+        log.flush()
+        try:
+            rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            log.write(f"\n[bench] killed after {timeout:.0f} s\n")
+            rc = 124
+    return rc, time.perf_counter() - start
+
+
+def tail(path: Path, n: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def find_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = run_dir / "checkpoints"
+    if (ckpts / "last.ckpt").is_file():
+        return ckpts / "last.ckpt"
+    steps = sorted(ckpts.glob("step_*.ckpt"))
+    return steps[-1] if steps else None
+
+
+def steps_trained(run_dir: Path, ckpt: Path | None) -> int | None:
+    metrics = run_dir / "metrics.json"
+    if metrics.is_file():
+        try:
+            return int(json.loads(metrics.read_text())["global_step"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    if ckpt is not None:
+        import torch
+
+        return int(torch.load(ckpt, map_location="cpu", weights_only=False).get("global_step", -1))
+    return None
+
+
+def train(experiment: str, run_dir: Path, budget: float, extra: list[str], env: dict) -> dict:
+    cmd = [sys.executable, "train.py", f"experiment={experiment}", "logger=csv",
+           f"++trainer.max_time='{max_time_string(budget)}'", "trainer.min_epochs=0",
+           "callbacks.sample_grid=null", "callbacks.progress_bar=null", f"hydra.run.dir={run_dir}", *extra]
+    print(f"[{experiment}] training for {budget:.0f} s -> {run_dir}", flush=True)
+    rc, seconds = run_logged(cmd, run_dir / "bench_train.log", env, timeout=2 * budget + 900)
+    return {"train_rc": rc, "train_wall_s": seconds, "train_cmd": cmd}
+
+
+def sample(ckpt: Path, out_dir: Path, num: int, batch: int, extra: list[str], env: dict) -> dict:
+    cmd = [sys.executable, "sample.py", f"ckpt_path={ckpt}", f"num_samples={num}", f"batch_size={batch}",
+           "progress=false", f"hydra.run.dir={out_dir}", *extra]
+    rc, seconds = run_logged(cmd, out_dir / "bench_sample.log", env, timeout=None)
+    return {"sample_rc": rc, "sample_wall_s": seconds, "sample_cmd": cmd}
+
+
+def evaluate_run(name: str, run_dir: Path, ref: Reference, args, env: dict, record: dict) -> dict:
+    record.update(name=name, run_dir=str(run_dir))
+    ckpt = find_checkpoint(run_dir)
+    if ckpt is None:
+        record["error"] = f"no checkpoint in {run_dir / 'checkpoints'}"
+        return record
+    record["checkpoint"] = str(ckpt)
+    record["steps"] = steps_trained(run_dir, ckpt)
+    metrics = run_dir / "metrics.json"
+    if metrics.is_file():
+        m = json.loads(metrics.read_text())
+        record["train_seconds"] = m.get("train_seconds")
+        record["val_loss"] = (m.get("metrics") or {}).get("val/loss")
+    out_dir = run_dir / f"bench_samples_{args.num_samples}"
+    print(f"[{name}] sampling {args.num_samples} images from {ckpt.name} ...", flush=True)
+    record.update(sample(ckpt, out_dir, args.num_samples, args.sample_batch_size, args.sample_extra, env))
+    npz = out_dir / "samples.npz"
+    if record["sample_rc"] != 0 or not npz.is_file():
+        record["error"] = f"sample.py failed (exit {record['sample_rc']}); see {out_dir / 'bench_sample.log'}"
+        print(tail(out_dir / "bench_sample.log"), file=sys.stderr)
+        return record
+    with np.load(npz) as f:
+        samples = f["samples"]
+    record.update(ref.score(samples))
+    record["targets"] = targets(record)
+    record["samples_png"] = str(out_dir / "samples.png")
+    print(f"[{name}] {record['steps']} steps, sampling {record['sample_wall_s']:.0f} s, degenerate "
+          f"{record['degenerate']:.1%}, Fréchet {record['frechet']:.2f} (floor {record['floor']:.2f})", flush=True)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------- report
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def report(results: list[dict], ref: Reference, args) -> str:
+    lines = [
+        f"digit classifier: held-out accuracy {ref.info['test_accuracy']:.2%} on {ref.info['num_test']} digits "
+        f"(trained on {ref.info['num_train']})",
+        f"real digits flagged degenerate: {pct(ref.real_degenerate['held-out'])} of the 500 held-out, "
+        f"{pct(ref.real_degenerate['train'])} of the 4,500 training digits "
+        f"(rule: std < {STD_MIN} or mean > {MEAN_MAX} or > {BRIGHT_SHARE_MAX:.0%} of pixels above 0.5)",
+        f"Fréchet floor: N real training digits vs the 500 held-out digits, N = the sample count",
+        "",
+        "| experiment | steps trained | degenerate % | min/max class share | per-class shares (0-9) "
+        "| Fréchet (feature) | floor | ratio to floor |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['name']} | {r.get('steps', 'n/a')} | error: {r['error']} | | | | | |")
+            continue
+        shares = " ".join("n/a" if s is None else f"{100 * s:.0f}" for s in r["class_shares"])
+        lines.append(f"| {r['name']} | {r['steps']} | {pct(r['degenerate'])} | {pct(r['min_share'])} / "
+                     f"{pct(r['max_share'])} | {shares} | {r['frechet']:.2f} | {r['floor']:.2f} "
+                     f"| {r['ratio']:.1f}× |")
+    lines += ["", "targets (degenerate < 1%, every class 10% ± 3%, Fréchet within 3× floor):"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"- {r['name']}: FAIL (no result: {r['error']})")
+            continue
+        checks = ", ".join(f"{k}: {'pass' if ok else 'FAIL'}" for k, ok in r["targets"].items())
+        lines.append(f"- {r['name']}: {'PASS' if all(r['targets'].values()) else 'FAIL'} ({checks})")
+    lines.append(f"\n(N = {args.num_samples} samples per experiment; budget {args.budget_seconds:.0f} s of training "
+                 f"per experiment; extra training overrides: {' '.join(args.extra) or 'none'}; sampling "
+                 f"overrides: {' '.join(args.sample_extra) or 'none'})")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Sample quality per GPU-minute of NCSN MNIST recipes (issue 8).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--experiments", nargs="+", default=["mnist_paper", "mnist"],
+                   help="conf/experiment names to train and score side by side")
+    p.add_argument("--budget-seconds", type=float, default=None,
+                   help="training wall clock per experiment (trainer.max_time); default 300, --tiny 60")
+    p.add_argument("--num-samples", type=int, default=None, help="samples per experiment; default 1000, --tiny 64")
+    p.add_argument("--sample-batch-size", type=int, default=None, help="sample.py batch_size; default 500")
+    p.add_argument("--extra", nargs="*", default=[], help="Hydra overrides for every training run")
+    p.add_argument("--sample-extra", nargs="*", default=[],
+                   help="overrides for sample.py, e.g. sampler.n_steps_each=1 device=cpu use_ema=false")
+    p.add_argument("--tiny", action="store_true",
+                   help=f"CPU smoke run: {TINY_BUDGET} s, {' '.join(TINY_TRAIN_EXTRA)}, {TINY_SAMPLES} samples, "
+                        f"{' '.join(TINY_SAMPLE_EXTRA)}")
+    p.add_argument("--run-dirs", nargs="+", default=None, help="score these existing run dirs; no training")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OMP_NUM_THREADS for the subprocesses (1 avoids thread thrashing on a busy CPU)")
+    p.add_argument("--runs-dir", default=str(RUNS_DIR), help="where new runs go")
+    p.add_argument("--classifier-dir", default=str(dc.CACHE_DIR), help="classifier cache dir")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.extra = [*TINY_TRAIN_EXTRA, *args.extra]
+        args.sample_extra = [*TINY_SAMPLE_EXTRA, *args.sample_extra]
+    if args.budget_seconds is None:
+        args.budget_seconds = TINY_BUDGET if args.tiny else 300.0
+    if args.num_samples is None:
+        args.num_samples = TINY_SAMPLES if args.tiny else 1000
+    if args.sample_batch_size is None:
+        args.sample_batch_size = min(args.num_samples, 500)
+    if args.budget_seconds <= 0 or args.num_samples < 2 or args.sample_batch_size < 1:
+        p.error("--budget-seconds must be > 0, --num-samples >= 2, --sample-batch-size >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+        env["MKL_NUM_THREADS"] = str(args.threads)
+    ref = Reference(Path(args.classifier_dir))
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    results = []
+    if args.run_dirs:
+        for d in args.run_dirs:
+            run_dir = Path(d).resolve()
+            if not run_dir.is_dir():
+                raise SystemExit(f"no such run dir: {run_dir}")
+            results.append(evaluate_run(run_dir.name, run_dir, ref, args, env, {}))
+    else:
+        for exp in args.experiments:
+            run_dir = (Path(args.runs_dir) / f"{exp}_{stamp}").resolve()
+            if run_dir.exists():
+                raise SystemExit(f"{run_dir} exists already; wait a second and run again")
+            record = train(exp, run_dir, args.budget_seconds, args.extra, env)
+            if record["train_rc"] != 0:
+                print(f"[{exp}] train.py failed (exit {record['train_rc']}):\n{tail(run_dir / 'bench_train.log')}",
+                      file=sys.stderr)
+                if find_checkpoint(run_dir) is None:
+                    results.append({**record, "name": exp, "run_dir": str(run_dir),
+                                    "error": f"train.py failed (exit {record['train_rc']}); "
+                                             f"see {run_dir / 'bench_train.log'}"})
+                    continue
+            results.append(evaluate_run(exp, run_dir, ref, args, env, record))
+    text = report(results, ref, args)
+    print("\n" + text)
+    out = Path(args.runs_dir) / f"quality_{stamp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "classifier": ref.info, "real_degenerate": ref.real_degenerate,
+                               "results": results, "report": text}, indent=2, default=str) + "\n")
+    print(f"\nresults: {out}")
+    return 0 if results and all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
