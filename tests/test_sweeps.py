@@ -367,10 +367,6 @@ def test_ddp_sim_multirun_keeps_one_dir_per_job(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "the 2nd plain-DDP job of a multirun fails: the 1st job leaves torch.distributed initialised and "
-    "LOCAL_RANK/WORLD_SIZE/MASTER_* in os.environ of the sweep process, so Lightning neither launches rank 1 "
-    "nor re-initialises the group (gloo: 'Connection closed by peer'); fix in ncsn/training.py, then drop this"))
 def test_plain_ddp_relaunch_inside_a_multirun(tmp_path):
     # trainer.strategy=ddp: Lightning re-runs the script for rank 1 (prepare_ddp_relaunch points it at the job)
     _check_ddp_sweep(tmp_path, ["trainer.strategy=ddp"])

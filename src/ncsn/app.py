@@ -44,7 +44,12 @@ def user_errors_exit(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig]
             return task(cfg)
         except Exception as exc:  # noqa: BLE001 - only user errors are turned into a line
             user_error = _user_error_in(exc)
-            line = str(user_error) if user_error is not None else f"{type(exc).__name__}: {exc}".splitlines()[0]
+            if user_error is not None:
+                line = str(user_error)
+            else:  # the last non-empty line names the cause (for a crashed ddp_spawn child, the child's error)
+                text_lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+                line = f"{type(exc).__name__}: {text_lines[-1] if text_lines else ''}"
+                log.exception("run failed")
             record_failure(cfg, line)
             if _in_multirun() and os.environ.get("HYDRA_FULL_ERROR") != "1":
                 # one failed job must not end the sweep: it is recorded (error.txt) and the sweep goes on

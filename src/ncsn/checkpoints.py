@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ncsn.errors import CheckpointError
 
@@ -39,7 +41,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-class AtomicCheckpointIO:
+class AtomicCheckpointIO(TorchCheckpointIO):
     """A Lightning CheckpointIO that never leaves a truncated checkpoint behind.
 
     Each checkpoint is written to ``<name>.part`` in the same directory, flushed to disk, then renamed over
@@ -47,23 +49,15 @@ class AtomicCheckpointIO:
     previous complete file or the new complete file; at worst a stray ``.part`` that nothing reads.
     """
 
-    def __new__(cls, *args, **kwargs):  # build the subclass lazily so this module imports without Lightning
-        from lightning.pytorch.plugins.io import TorchCheckpointIO
-
-        class _Atomic(TorchCheckpointIO):
-            def save_checkpoint(self, checkpoint, path, storage_options=None):
-                import os
-
-                target = Path(path)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(target.name + ".part")
-                with open(tmp, "wb") as f:
-                    torch.save(checkpoint, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, target)
-
-        return _Atomic(*args, **kwargs)
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".part")
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
 
 
 def check_checkpoint_matches(model: torch.nn.Module, path: str | Path) -> None:

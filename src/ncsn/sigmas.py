@@ -136,7 +136,8 @@ def technique2_ratio(dim: int, target: float = 0.5) -> float:
 def num_scales_for_ratio(sigma_max: float, sigma_min: float, ratio: float) -> int:
     """Smallest L whose geometric schedule from ``sigma_max`` to ``sigma_min`` has ratio ≤ ``ratio``."""
     _check_range(sigma_max, sigma_min, 2)
-    return max(2, math.ceil(math.log(sigma_max / sigma_min) / math.log(ratio)) + 1)
+    # the small slack keeps float rounding (231.0000000000018) from adding a level at an exact ratio
+    return max(2, math.ceil(math.log(sigma_max / sigma_min) / math.log(ratio) - 1e-9) + 1)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ Hydra sweepers can optimise it.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ncsn.app import instantiate, instantiate_group
+from ncsn.app import _in_multirun, instantiate, instantiate_group
 from ncsn.callbacks import MetricsFileCallback, RngStateCallback, RunRecordCallback
 from ncsn.checkpoints import AtomicCheckpointIO, check_checkpoint_matches, check_checkpoint_path, load_checkpoint
 from ncsn.errors import ConfigError
@@ -134,6 +135,25 @@ def continue_wandb_run(cfg: DictConfig, ckpt_path: str) -> None:
             cfg.logger.wandb.resume = "allow"
 
 
+DDP_ENV = ("LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def reset_distributed(saved_env: dict) -> None:
+    """After a job of a multirun: tear down the process group and restore the environment Lightning's DDP
+    launcher changed, so the next job launches its own processes instead of joining the dead ones."""
+    if not _in_multirun():
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for key, value in saved_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def close_loggers(loggers: list) -> None:
     """Close W&B runs so the next job of a multirun starts its own run."""
     from lightning.pytorch.loggers import WandbLogger
@@ -164,10 +184,12 @@ def train(cfg: DictConfig) -> float | None:
         log.info("Resuming from %s", ckpt_path)
     for logger in objects["loggers"]:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    saved_env = {k: os.environ.get(k) for k in DDP_ENV}
     try:
         trainer.fit(objects["model"], datamodule=objects["datamodule"], ckpt_path=ckpt_path)
     finally:
         close_loggers(objects["loggers"])
+        reset_distributed(saved_env)
 
     metric_name = cfg.get("optimized_metric")
     value = trainer.callback_metrics.get(metric_name) if metric_name else None

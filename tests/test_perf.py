@@ -1,0 +1,434 @@
+"""The fast path (ncsn.perf): one switch, same samples, bounded bf16 error. CPU tests run everywhere; the CUDA
+ones (graph capture, compile, fused Adam, the sync-free non-finite check) are skipped without a GPU."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, TensorDataset
+
+from ncsn.app import instantiate
+from ncsn.data.datasets import gmm_perturbed_score
+from ncsn.errors import ConfigError
+from ncsn.module import ScoreModel
+from ncsn.nets import NCSN, ConditionalInstanceNorm2dPlus, NCSNv2, ToyScoreMLP, score_function
+from ncsn.perf import (
+    FastForward,
+    PerfSettings,
+    fill_noise,
+    fp32_norms,
+    graphed_annealed_langevin,
+    optimizer_kwargs,
+    prepare_net,
+    resolve,
+)
+from ncsn.samplers import annealed_langevin
+from ncsn.sigmas import geometric_sigmas
+
+ROOT = Path(__file__).resolve().parents[1]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+#: stated bound on the per-level relative L2 error of the fast path's score (bf16 autocast + channels_last)
+BF16_SCORE_REL_ERROR = 0.03
+N_TOY = 2000
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # small ops on a shared 2-core runner are many times faster single-threaded (no OpenMP spinning)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cpu_fast(**overrides) -> PerfSettings:
+    """The fast path forced on for the CPU, without torch.compile (inductor's C++ build is slow)."""
+    return PerfSettings(enabled=True, compile=False, **overrides).resolve("cpu")
+
+
+def toy_sigmas() -> torch.Tensor:
+    return geometric_sigmas(20.0, 1.0, 10)
+
+
+def share_in_small_mode(x: torch.Tensor) -> float:
+    return (x.sum(dim=1) < 0).float().mean().item()
+
+
+def toy_init(n: int = N_TOY, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 2, generator=torch.Generator().manual_seed(seed)) * 16 - 8
+
+
+# ---------------------------------------------------------------------------------------------- the switch
+def test_auto_resolves_off_on_cpu_and_on_for_cuda():
+    auto = PerfSettings()
+    assert auto.enabled == "auto"
+    assert auto.resolve("cpu").enabled is False
+    assert not any([auto.resolve("cpu").bf16, auto.resolve("cpu").compile, auto.resolve("cpu").cuda_graphs])
+    on = auto.resolve("cuda")
+    assert on.enabled is True and on.cuda_graphs and on.fused_optimizer and on.compile and on.channels_last
+    # forced on for the CPU: the CUDA-only parts stay off
+    forced = PerfSettings(enabled=True).resolve("cpu")
+    assert forced.enabled is True and forced.bf16 and not forced.cuda_graphs and not forced.fused_optimizer
+    assert PerfSettings(enabled=False).resolve("cuda").enabled is False
+    # None (the Python default of ScoreModel) means off everywhere
+    assert resolve(None, "cuda").enabled is False
+    # inductor's own CUDA graphs replace ours
+    assert not PerfSettings(compile_mode="reduce-overhead").resolve("cuda").cuda_graphs
+
+
+@pytest.mark.parametrize("bad", [{"enabled": "sometimes"}, {"enabled": 3}, {"turbo": True}, {"steps_per_graph": 0}])
+def test_bad_perf_settings_raise_config_error(bad):
+    with pytest.raises(ConfigError):
+        PerfSettings.from_config(bad)
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=["paths.output_dir=/tmp/unused", "experiment=mnist_paper", *overrides])
+
+
+@pytest.mark.parametrize("choice, enabled", [(None, "auto"), ("fast", True), ("off", False)])
+def test_perf_config_group_reaches_the_module(choice, enabled):
+    cfg = compose_train(*([f"perf={choice}"] if choice else []))
+    model = instantiate(cfg.model)
+    assert model.perf.enabled == enabled
+    assert model.perf_settings("cpu").enabled is (enabled is True)
+    # every perf file spells out exactly the PerfSettings fields
+    assert set(OmegaConf.to_container(cfg.perf)) == {f.name for f in dataclasses.fields(PerfSettings)}
+
+
+@pytest.mark.parametrize("model_choice", ["ncsnv2", "mlp"])
+def test_every_model_config_takes_the_perf_switch(model_choice):
+    cfg = compose_train(f"model={model_choice}", "perf=fast", "perf.compile=false")
+    assert cfg.model.perf.enabled is True and cfg.model.perf.compile is False
+
+
+# ---------------------------------------------------------------------------------------------- sampler equivalence
+def mixture_score(sigmas):
+    def score(x, levels):
+        return gmm_perturbed_score(x, sigmas[levels][:, None])
+
+    return score
+
+
+def test_fill_noise_draws_what_randn_draws():
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    buffer = torch.empty(3, 5, 7)
+    for t in range(3):
+        fill_noise(buffer[t], g1)
+    assert torch.equal(buffer, torch.stack([torch.randn(5, 7, generator=g2) for _ in range(3)]))
+
+
+@pytest.mark.parametrize("n_steps, steps_per_graph", [(7, 1), (7, 3), (7, 7), (7, 100)])
+@pytest.mark.parametrize("denoise", [False, True])
+def test_chunked_sampler_equals_annealed_langevin_exactly(n_steps, steps_per_graph, denoise):
+    sigmas = toy_sigmas()
+    x0 = toy_init(256)
+    eager = annealed_langevin(mixture_score(sigmas), x0, sigmas, n_steps, 0.05, denoise=denoise,
+                              generator=torch.Generator().manual_seed(1))
+    chunked = graphed_annealed_langevin(mixture_score(sigmas), x0, sigmas, n_steps, 0.05, denoise=denoise,
+                                        generator=torch.Generator().manual_seed(1), steps_per_graph=steps_per_graph)
+    assert torch.equal(eager, chunked)
+
+
+def test_chunked_sampler_with_the_default_generator_and_an_image_network():
+    torch.manual_seed(0)
+    net = NCSN(in_channels=1, image_size=8, ngf=4, num_scales=3).eval()
+    sigmas = geometric_sigmas(1.0, 0.1, 3)
+    score = score_function(net, sigmas)
+    x0 = torch.rand(2, 1, 8, 8)
+    torch.manual_seed(5)
+    eager = annealed_langevin(score, x0, sigmas, 4, 2e-5)
+    torch.manual_seed(5)
+    chunked = graphed_annealed_langevin(score, x0, sigmas, 4, 2e-5, steps_per_graph=3)
+    assert torch.equal(eager, chunked)
+
+
+def test_a_callback_falls_back_to_the_eager_sampler_and_sees_every_step():
+    sigmas = toy_sigmas()
+    seen = []
+    out = graphed_annealed_langevin(mixture_score(sigmas), toy_init(8), sigmas, 3, 0.05,
+                                    generator=torch.Generator().manual_seed(0),
+                                    callback=lambda d: seen.append((d["level"], d["step"])))
+    assert seen == [(i, t) for i in range(10) for t in range(3)]
+    assert out.shape == (8, 2)
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def test_paper_toy_mode_weights_with_a_bf16_rounded_score_match_fp32():
+    # The paper's toy (sigma 20 -> 1, L = 10, T = 100, step_lr 0.05, U[-8, 8]^2, 2,000 samples): a score whose
+    # input and output go through bf16 (the rounding a bf16 network adds), run by the fast path's sampler,
+    # recovers the same mode weights as the exact fp32 score with the eager sampler.
+    sigmas = toy_sigmas()
+
+    def bf16_score(x, levels):
+        s = gmm_perturbed_score(x.bfloat16().float(), sigmas[levels][:, None].bfloat16().float())
+        return s.bfloat16().float()
+
+    x0 = toy_init()
+    fp32 = annealed_langevin(mixture_score(sigmas), x0, sigmas, 100, 0.05, generator=torch.Generator().manual_seed(1))
+    fast = graphed_annealed_langevin(bf16_score, x0, sigmas, 100, 0.05, generator=torch.Generator().manual_seed(2))
+    w_fp32, w_fast = share_in_small_mode(fp32), share_in_small_mode(fast)
+    assert w_fp32 == pytest.approx(0.2, abs=0.03)
+    assert w_fast == pytest.approx(0.2, abs=0.03)
+    assert w_fast == pytest.approx(w_fp32, abs=0.03)
+
+
+@pytest.fixture(scope="module")
+def toy_mlp() -> ToyScoreMLP:
+    """A ToyScoreMLP regressed onto the analytic mixture score (seconds; no DSM training needed)."""
+    torch.manual_seed(0)
+    sigmas = toy_sigmas()
+    net = ToyScoreMLP(dim=2, hidden=64, num_scales=10, num_layers=2)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(600):
+        levels = torch.randint(0, 10, (512,))
+        sig = sigmas[levels][:, None]
+        x = torch.rand(512, 2) * 30 - 15
+        loss = (net(x, levels) - sig * gmm_perturbed_score(x, sig)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+def test_toy_module_fast_path_mode_weights_match_the_fp32_path(toy_mlp):
+    sampler = {"n_steps_each": 100, "step_lr": 0.05, "init_low": -8.0, "init_high": 8.0}
+    plain = ScoreModel(copy.deepcopy(toy_mlp), toy_sigmas(), [2], sampler=sampler)
+    fast = ScoreModel(copy.deepcopy(toy_mlp), toy_sigmas(), [2], sampler=sampler, perf=cpu_fast())
+    assert plain.perf_settings().enabled is False and fast.perf_settings().bf16
+    w_plain = share_in_small_mode(plain.sample(N_TOY, generator=torch.Generator().manual_seed(3)))
+    w_fast = share_in_small_mode(fast.sample(N_TOY, generator=torch.Generator().manual_seed(3)))
+    assert w_plain == pytest.approx(0.2, abs=0.05)  # the regressed MLP is a decent score
+    assert w_fast == pytest.approx(w_plain, abs=0.03)
+
+
+@pytest.mark.parametrize("net_cls", [NCSN, NCSNv2])
+def test_fast_score_of_a_small_image_network_is_within_the_stated_error_per_level(net_cls):
+    torch.manual_seed(0)
+    net = net_cls(in_channels=3, image_size=16, ngf=8, num_scales=10).eval()
+    sigmas = geometric_sigmas(1.0, 0.01, 10)
+    reference = score_function(copy.deepcopy(net), sigmas)
+    fast_net = FastForward(prepare_net(net, cpu_fast()), cpu_fast(), "cpu")
+    fast = score_function(fast_net, sigmas)
+    with torch.no_grad():
+        for level in range(10):
+            x = torch.rand(4, 3, 16, 16)
+            levels = torch.full((4,), level)
+            ref, out = reference(x, levels), fast(x, levels)
+            assert out.dtype == torch.float32 and out.is_contiguous()
+            rel = ((out - ref).norm() / ref.norm()).item()
+            assert rel < BF16_SCORE_REL_ERROR, f"level {level}: relative error {rel:.4f}"
+
+
+def test_channels_last_alone_keeps_fp32_results():
+    torch.manual_seed(0)
+    net = NCSN(in_channels=3, image_size=16, ngf=8, num_scales=10).eval()
+    x, levels = torch.rand(4, 3, 16, 16), torch.arange(4)
+    with torch.no_grad():
+        ref = net(x, levels)
+        settings = cpu_fast(bf16=False)
+        out = FastForward(prepare_net(net, settings), settings, "cpu")(x, levels)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- norms in fp32
+def test_fp32_norms_keep_parameters_and_exact_fp32_results():
+    torch.manual_seed(0)
+    net = NCSN(in_channels=1, image_size=8, ngf=4, num_scales=3).eval()
+    x, levels = torch.rand(2, 1, 8, 8), torch.tensor([0, 2])
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        before = net(x, levels)
+        patched = fp32_norms(net)
+        assert patched > 0 and fp32_norms(net) == 0  # idempotent
+        assert torch.equal(net(x, levels), before)
+    assert list(net.state_dict()) == list(state)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
+    copy.deepcopy(net)  # the patched forwards survive a deepcopy (EMA)
+
+
+def test_instance_norm_plus_statistics_are_fp32_under_bf16_autocast():
+    # Channel means 64 +- 0.5: in bf16 (spacing 0.5 at 64) their differences -- what InstanceNorm++ adds back --
+    # round away. The fast path computes the statistics in fp32 from the same bf16 activations.
+    torch.manual_seed(0)
+    norm = ConditionalInstanceNorm2dPlus(32, 10)
+    guarded = copy.deepcopy(norm)
+    fp32_norms(guarded)
+    x = (64 + 0.5 * torch.randn(4, 32, 1, 1) + 4 * torch.randn(4, 32, 16, 16)).bfloat16()  # a bf16 conv output
+    levels = torch.arange(4)
+    reference = norm(x.float(), levels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, fast = norm(x, levels), guarded(x, levels)
+    assert fast.dtype == torch.float32
+    assert ((fast - reference).norm() / reference.norm()).item() < 1e-5
+    assert ((plain.float() - reference).norm() / reference.norm()).item() > 0.05  # what the guard prevents
+
+
+# ---------------------------------------------------------------------------------------------- the module
+def tiny_image_model(perf) -> ScoreModel:
+    torch.manual_seed(0)
+    net = NCSN(in_channels=1, image_size=8, ngf=4, num_scales=3)
+    return ScoreModel(net, geometric_sigmas(1.0, 0.1, 3), [1, 8, 8],
+                      sampler={"n_steps_each": 2, "step_lr": 2e-5}, perf=perf)
+
+
+def test_module_with_perf_on_trains_a_step_and_samples(tmp_path):
+    model = tiny_image_model(cpu_fast())
+    keys = list(model.state_dict())
+    data = DataLoader(TensorDataset(torch.rand(8, 1, 8, 8)), batch_size=4)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        default_root_dir=tmp_path)
+    before = model.net.begin_conv.weight.detach().clone()
+    trainer.fit(model, train_dataloaders=data)
+    assert trainer.global_step == 2
+    assert not torch.equal(model.net.begin_conv.weight, before)
+    assert model.net.res1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert list(model.state_dict()) == keys  # checkpoints stay interchangeable with perf=off
+    samples = model.sample(3, generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (3, 1, 8, 8) and torch.isfinite(samples).all()
+    # the same weights without the fast path give nearly the same samples (same noise; bf16 score)
+    plain = tiny_image_model(None)
+    plain.load_state_dict(model.state_dict())
+    reference = plain.sample(3, generator=torch.Generator().manual_seed(0))
+    assert (samples - reference).abs().max().item() < 1e-2
+
+
+def test_perf_off_module_is_the_plain_path():
+    model = tiny_image_model({"enabled": False})
+    x, levels = torch.rand(2, 1, 8, 8), torch.tensor([0, 1])
+    with torch.no_grad():
+        assert torch.equal(model.score_fn(x, levels), score_function(model.net, model.sigmas)(x, levels))
+    assert model.net.begin_conv.weight.is_contiguous()
+    assert not any(getattr(m, "_ncsn_fp32_norm", False) for m in model.net.modules())
+
+
+def test_prepared_module_deepcopies_with_a_fresh_runtime():
+    model = tiny_image_model(cpu_fast())
+    model.sample(2)
+    assert model._perf.forwards
+    clone = copy.deepcopy(model)  # what Lightning's EMA callback does
+    assert not clone._perf.forwards
+    assert clone.sample(2).shape == (2, 1, 8, 8)
+
+
+def test_fused_optimizer_only_for_cuda_parameters_and_optimizer_partials():
+    on = PerfSettings(enabled=True).resolve("cuda")
+    adam = functools.partial(torch.optim.Adam, lr=1e-3)
+    cpu_params = [torch.nn.Parameter(torch.zeros(2))]
+    assert optimizer_kwargs(adam, on, cpu_params) == {}
+    assert optimizer_kwargs(lambda p: torch.optim.Adam(p), on, cpu_params) == {}
+    assert optimizer_kwargs(adam, PerfSettings(enabled=False).resolve("cuda"), cpu_params) == {}
+    assert optimizer_kwargs(functools.partial(torch.optim.Adam, fused=False), on, cpu_params) == {}
+    model = tiny_image_model(cpu_fast())
+    assert not model.configure_optimizers().defaults.get("fused")
+
+
+# ---------------------------------------------------------------------------------------------- compile (slow on CPU)
+@pytest.mark.slow
+def test_compiled_fast_forward_is_one_graph_and_trains_with_channels_last():
+    # aot_eager runs the AOTAutograd graphs eagerly: it catches graph breaks and the stride mismatch a
+    # channels_last activation meeting an NCHW one causes in the compiled backward, without a C++ build.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = NCSN(in_channels=3, image_size=16, ngf=4, num_scales=10)
+    settings = dataclasses.replace(cpu_fast(), compile=True, compile_backend="aot_eager")
+    prepare_net(net, settings)
+    x, levels = torch.rand(2, 3, 16, 16), torch.tensor([0, 9])
+    explained = torch._dynamo.explain(FastForward(net, cpu_fast(), "cpu")._forward)(x, levels)
+    assert explained.graph_break_count == 0
+    compiled = FastForward(net, settings, "cpu")
+    compiled(x, levels).square().mean().backward()
+    assert net.begin_conv.weight.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------- the benchmark
+@pytest.mark.slow
+def test_bench_tiny_prints_the_table_and_ratio_lines(tmp_path):
+    out = tmp_path / "bench.json"
+    start = time.time()
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "speed.py"), "--tiny", "--json", str(out)],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("| net | task |") for line in lines)
+    assert sum("ratio" in line for line in lines) >= 6
+    assert out.exists()
+    print(f"bench --tiny took {time.time() - start:.0f} s")
+
+
+# ---------------------------------------------------------------------------------------------- GPU only
+def _cuda_net(num_scales: int = 4) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return NCSN(in_channels=3, image_size=16, ngf=8, num_scales=num_scales).cuda().eval()
+
+
+@cuda
+@pytest.mark.parametrize("steps_per_graph", [1, 3, 5])
+def test_cuda_graph_sampler_equals_the_eager_sampler(steps_per_graph):
+    net = _cuda_net()
+    sigmas = geometric_sigmas(1.0, 0.01, 4).cuda()
+    score = score_function(net, sigmas)
+    x0 = torch.rand(6, 3, 16, 16, device="cuda")
+    eager = annealed_langevin(score, x0, sigmas, 5, 2e-5, denoise=True,
+                              generator=torch.Generator("cuda").manual_seed(1))
+    cache: dict = {}
+    for _ in range(2):  # the second call replays the cached graphs
+        graphed = graphed_annealed_langevin(score, x0, sigmas, 5, 2e-5, denoise=True, cache=cache,
+                                            generator=torch.Generator("cuda").manual_seed(1),
+                                            steps_per_graph=steps_per_graph)
+        torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+    assert any(v is not None for k, v in cache.items() if k != "token")
+
+
+@cuda
+def test_cuda_fast_module_compiles_graphs_and_matches_fp32_statistics():
+    sigmas = geometric_sigmas(1.0, 0.01, 4)
+    net = NCSN(in_channels=3, image_size=16, ngf=8, num_scales=4)
+    plain = ScoreModel(copy.deepcopy(net), sigmas, [3, 16, 16], sampler={"n_steps_each": 5}).cuda()
+    fast = ScoreModel(copy.deepcopy(net), sigmas, [3, 16, 16], sampler={"n_steps_each": 5},
+                      perf={"enabled": "auto"}).cuda()
+    settings = fast.perf_settings()
+    assert settings.enabled and settings.compile and settings.cuda_graphs
+    a = plain.sample(16, generator=torch.Generator("cuda").manual_seed(0))
+    b = fast.sample(16, generator=torch.Generator("cuda").manual_seed(0))
+    assert (a - b).abs().max().item() < 1e-2
+    assert fast.sample(16).shape == (16, 3, 16, 16)  # graph reuse
+    optimizer = fast.configure_optimizers()
+    assert optimizer.defaults.get("fused") is True
+    loss = fast.compute_loss(torch.rand(8, 3, 16, 16, device="cuda")).loss
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+
+
+@cuda
+def test_cuda_nonfinite_loss_is_caught_before_the_update_without_a_sync_in_backward(tmp_path):
+    from ncsn.module import NonFiniteLossError
+
+    model = ScoreModel(NCSN(in_channels=1, image_size=8, ngf=4, num_scales=3), geometric_sigmas(1.0, 0.1, 3),
+                       [1, 8, 8], perf={"enabled": True, "compile": False}, optimizer=functools.partial(
+                           torch.optim.Adam, lr=1e-3))
+    data = DataLoader(TensorDataset(torch.full((4, 1, 8, 8), float("nan"))), batch_size=4)
+    trainer = L.Trainer(accelerator="gpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    before = copy.deepcopy(model.net.state_dict())
+    with pytest.raises(NonFiniteLossError):
+        trainer.fit(model, train_dataloaders=data)
+    after = model.net.state_dict()
+    assert all(torch.equal(before[k].cpu(), after[k].cpu()) for k in before)
