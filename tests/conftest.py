@@ -20,7 +20,7 @@ def run_entry(script: str, *overrides: str, timeout: int = 600, env: dict | None
     full_env.pop("HYDRA_FULL_ERROR")
     full_env.update(env or {})
     return subprocess.run([sys.executable, str(ROOT / script), *overrides], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, cwd=cwd or ROOT)
+                          timeout=timeout, env=full_env, cwd=cwd or ROOT, check=False)
 
 
 # Overrides that make a run tiny: NCSN with ngf 8 on the bundled digits, 4 steps, checkpoints every 2.

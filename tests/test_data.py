@@ -2,15 +2,13 @@
 
 import pickle
 import socket
-import struct
 from pathlib import Path
 from types import SimpleNamespace
-
-from fakes import write_cifar, write_idx
 
 import numpy as np
 import pytest
 import torch
+from fakes import write_cifar, write_idx
 from PIL import Image
 
 import ncsn.data.datasets as datasets_mod

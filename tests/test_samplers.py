@@ -70,7 +70,7 @@ def test_step_convention_is_official_x_plus_alpha_s_plus_sqrt_2alpha_z():
 
 def test_denoise_adds_sigma_L_squared_times_score():
     sigmas = torch.tensor([1.0, 0.5])
-    score = lambda x, lv: torch.full_like(x, 2.0)  # noqa: E731
+    score = lambda x, lv: torch.full_like(x, 2.0)
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     plain = annealed_langevin(score, torch.zeros(2, 2), sigmas, 3, 0.01, generator=g1)
     den = annealed_langevin(score, torch.zeros(2, 2), sigmas, 3, 0.01, generator=g2, denoise=True)
@@ -116,5 +116,5 @@ def test_core_modules_import_neither_lightning_nor_hydra():
         "bad = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'hydra')]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr

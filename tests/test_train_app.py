@@ -4,7 +4,6 @@ W&B, resume, DDP."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -89,7 +88,7 @@ def test_short_run_writes_checkpoints_grid_wandb_image_config_and_metrics(traine
     assert wandb_images, "the sample grid must be logged to W&B (offline) inside the run dir"
     record = json.loads((trained_run / "metrics.json").read_text())
     assert record["global_step"] == 4
-    assert set(f"val/loss_sigma_{i}" for i in range(10)) <= set(record["metrics"])
+    assert {f"val/loss_sigma_{i}" for i in range(10)} <= set(record["metrics"])
     info = json.loads((ckpt_dir / "run_info.json").read_text())
     assert info["torch"] == torch.__version__ and info["ncsn"]
     ckpt = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)

@@ -42,7 +42,7 @@ def user_errors_exit(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig]
     def wrapper(cfg: DictConfig) -> Any:
         try:
             return task(cfg)
-        except Exception as exc:  # noqa: BLE001 - only user errors are turned into a line
+        except Exception as exc:
             user_error = _user_error_in(exc)
             if user_error is not None:
                 line = str(user_error)

@@ -25,7 +25,7 @@ def averaged_module(trainer: L.Trainer, pl_module: L.LightningModule) -> L.Light
 
 def image_grid(samples: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
     """A [C, H, W] grid in [0, 1] of model-range image samples (a square grid by default)."""
-    nrow = nrow or max(1, int(round(samples.shape[0] ** 0.5)))
+    nrow = nrow or max(1, round(samples.shape[0] ** 0.5))
     return make_grid(to_image_range(samples.detach().float().cpu()), nrow=nrow, padding=2, pad_value=1.0)
 
 

@@ -32,7 +32,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     p = check_checkpoint_path(path)
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+    except Exception as exc:
         raise CheckpointError(f"could not read checkpoint '{p}' ({type(exc).__name__}); pick another .ckpt") from exc
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"'{p}' is not a Lightning checkpoint (no state_dict); pick a .ckpt written by train.py")

@@ -13,8 +13,8 @@ Plain functions over tensors: no Lightning, no Hydra.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -22,7 +22,7 @@ trajectories; ``progress=True`` shows a progress bar over levels.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -13,13 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ncsn.app import _in_multirun, instantiate, instantiate_group
 from ncsn.callbacks import MetricsFileCallback, RngStateCallback, RunRecordCallback
-from ncsn.checkpoints import AtomicCheckpointIO, check_checkpoint_matches, check_checkpoint_path, load_checkpoint
+from ncsn.checkpoints import (
+    AtomicCheckpointIO,
+    check_checkpoint_matches,
+    check_checkpoint_path,
+    load_checkpoint,
+)
 from ncsn.errors import ConfigError
 from ncsn.sweeps import apply_sweep_metadata
 
