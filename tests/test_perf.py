@@ -212,7 +212,7 @@ def test_toy_module_fast_path_mode_weights_match_the_fp32_path(toy_mlp):
     assert plain.perf_settings().enabled is False and fast.perf_settings().bf16
     w_plain = share_in_small_mode(plain.sample(N_TOY, generator=torch.Generator().manual_seed(3)))
     w_fast = share_in_small_mode(fast.sample(N_TOY, generator=torch.Generator().manual_seed(3)))
-    assert w_plain == pytest.approx(0.2, abs=0.05)  # the regressed MLP is a decent score
+    assert w_plain == pytest.approx(0.2, abs=0.07)  # the regressed MLP is a decent score
     assert w_fast == pytest.approx(w_plain, abs=0.03)
 
 
@@ -357,18 +357,30 @@ def test_compiled_fast_forward_is_one_graph_and_trains_with_channels_last():
 
 
 # ---------------------------------------------------------------------------------------------- the benchmark
-@pytest.mark.slow
-def test_bench_tiny_prints_the_table_and_ratio_lines(tmp_path):
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "speed.py"), "--tiny", *args], check=False,
+                          capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def test_bench_tiny_subset_prints_the_table_and_a_ratio_line(tmp_path):
     out = tmp_path / "bench.json"
-    start = time.time()
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "speed.py"), "--tiny", "--json", str(out)],
-                            capture_output=True, text=True, timeout=600, cwd=ROOT,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    result = run_bench("--nets", "mnist", "--sample-batches", "4", "--json", str(out))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert any(line.startswith("| net | task |") for line in lines)
-    assert sum("ratio" in line for line in lines) >= 6
+    assert [line for line in lines if "ratio" in line] == [
+        line for line in lines if line.startswith("ratio fast/baseline mnist")]
+    assert sum("ratio" in line for line in lines) == 2  # train@4, sample@4
     assert out.exists()
+
+
+@pytest.mark.slow
+def test_bench_tiny_full_run(tmp_path):  # what `make bench-cpu` runs: ~40-80 s on 2 shared cores
+    start = time.time()
+    result = run_bench()
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert sum(line.startswith("ratio fast/baseline") for line in result.stdout.splitlines()) == 6
     print(f"bench --tiny took {time.time() - start:.0f} s")
 
 
