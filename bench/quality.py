@@ -8,7 +8,8 @@ real app, sample from its last checkpoint, and score the samples. A benchmark, n
 For each experiment:
 
 1. ``python train.py experiment=X logger=csv ++trainer.max_time=<budget> trainer.min_epochs=0
-   callbacks.sample_grid=null callbacks.progress_bar=null hydra.run.dir=bench/.runs/X_<timestamp> [--extra]``
+   callbacks.sample_grid=null callbacks.progress_bar=null trainer.enable_progress_bar=false
+   hydra.run.dir=bench/.runs/X_<timestamp> [--extra]``
    (the budget caps training by wall clock; the experiment's own ``max_steps`` still applies; the end-of-run
    sample grid is switched off because step 2 samples anyway);
 2. ``python sample.py ckpt_path=<run>/checkpoints/last.ckpt num_samples=N ...`` → ``samples.npz`` (uint8);
@@ -209,7 +210,8 @@ def steps_trained(run_dir: Path, ckpt: Path | None) -> int | None:
 def train(experiment: str, run_dir: Path, budget: float, extra: list[str], env: dict) -> dict:
     cmd = [sys.executable, "train.py", f"experiment={experiment}", "logger=csv",
            f"++trainer.max_time='{max_time_string(budget)}'", "trainer.min_epochs=0",
-           "callbacks.sample_grid=null", "callbacks.progress_bar=null", f"hydra.run.dir={run_dir}", *extra]
+           "callbacks.sample_grid=null", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false",
+           f"hydra.run.dir={run_dir}", *extra]
     print(f"[{experiment}] training for {budget:.0f} s -> {run_dir}", flush=True)
     rc, seconds = run_logged(cmd, run_dir / "bench_train.log", env, timeout=2 * budget + 900)
     return {"train_rc": rc, "train_wall_s": seconds, "train_cmd": cmd}

@@ -404,7 +404,7 @@ def test_cuda_graph_sampler_equals_the_eager_sampler(steps_per_graph):
         graphed = graphed_annealed_langevin(score, x0, sigmas, 5, 2e-5, denoise=True, cache=cache,
                                             generator=torch.Generator("cuda").manual_seed(1),
                                             steps_per_graph=steps_per_graph)
-        torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-4)
     assert any(v is not None for k, v in cache.items() if k != "token")
 
 
