@@ -167,7 +167,7 @@ def load_or_train(cache_dir: str | Path = CACHE_DIR, *, retrain: bool = False, v
                 model.load_state_dict(blob["state_dict"])
                 model.eval()
                 info = dict(blob["info"])
-        except Exception as exc:  # a corrupt cache is simply rebuilt
+        except Exception as exc:  # noqa: BLE001 - a corrupt cache is simply rebuilt
             print(f"  (ignoring unreadable classifier cache {path}: {type(exc).__name__}: {exc})")
             model = None
     if model is None:

@@ -9,9 +9,12 @@ For each experiment:
 
 1. ``python train.py experiment=X logger=csv ++trainer.max_time=<budget> trainer.min_epochs=0
    callbacks.sample_grid=null callbacks.progress_bar=null trainer.enable_progress_bar=false
+   callbacks.model_checkpoint.every_n_train_steps=0
    hydra.run.dir=bench/.runs/X_<timestamp> [--extra]``
    (the budget caps training by wall clock; the experiment's own ``max_steps`` still applies; the end-of-run
-   sample grid is switched off because step 2 samples anyway);
+   sample grid is switched off because step 2 samples anyway; periodic checkpoints are switched off because
+   Lightning 2.6 does not rewrite ``last.ckpt`` at the end of fit once a periodic save has written it, so a run
+   stopped by the clock between two saves would be scored on stale weights);
 2. ``python sample.py ckpt_path=<run>/checkpoints/last.ckpt num_samples=N ...`` → ``samples.npz`` (uint8);
 3. the scores below, against the project's own 500 held-out bundled digits (``data=mnist_bundled``).
 
@@ -40,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -52,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-import digit_classifier as dc  # noqa: E402
+import digit_classifier as dc
 
 RUNS_DIR = BENCH / ".runs"
 
@@ -138,7 +140,7 @@ class Reference:
         shares = class_shares(dc.predict(self.model, good)) if len(good) else class_shares([])
         fd = frechet_distance(gaussian_stats(dc.features(self.model, samples)), self.val_stats)
         floor = self.floor(len(samples))
-        return {"num_samples": int(len(samples)), "degenerate": float(degenerate.mean()),
+        return {"num_samples": len(samples), "degenerate": float(degenerate.mean()),
                 "class_shares": [None if np.isnan(s) else float(s) for s in shares],
                 "min_share": None if np.isnan(shares).any() else float(shares.min()),
                 "max_share": None if np.isnan(shares).any() else float(shares.max()),
@@ -158,7 +160,7 @@ def targets(result: dict) -> dict[str, bool]:
 # ---------------------------------------------------------------------------------------------- the app
 def max_time_string(seconds: float) -> str:
     """Lightning's ``DD:HH:MM:SS`` for a whole number of seconds."""
-    s = max(1, int(round(seconds)))
+    s = max(1, round(seconds))
     return f"{s // 86400:02d}:{s % 86400 // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
@@ -171,7 +173,7 @@ def run_logged(cmd: list[str], log_path: Path, env: dict, timeout: float | None)
         log.flush()
         try:
             rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                timeout=timeout).returncode
+                                timeout=timeout, check=False).returncode
         except subprocess.TimeoutExpired:
             log.write(f"\n[bench] killed after {timeout:.0f} s\n")
             rc = 124
@@ -193,25 +195,28 @@ def find_checkpoint(run_dir: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
-def steps_trained(run_dir: Path, ckpt: Path | None) -> int | None:
-    metrics = run_dir / "metrics.json"
-    if metrics.is_file():
-        try:
-            return int(json.loads(metrics.read_text())["global_step"])
-        except (ValueError, KeyError, TypeError):
-            pass
-    if ckpt is not None:
-        import torch
+def checkpoint_step(ckpt: Path) -> int | None:
+    import torch
 
-        return int(torch.load(ckpt, map_location="cpu", weights_only=False).get("global_step", -1))
-    return None
+    try:
+        return int(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("global_step", -1))
+    except Exception:  # noqa: BLE001 - sample.py reports an unreadable checkpoint properly
+        return None
+
+
+def run_step(run_dir: Path) -> int | None:
+    """``global_step`` at the end of the run, from ``metrics.json`` (None if missing)."""
+    try:
+        return int(json.loads((run_dir / "metrics.json").read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def train(experiment: str, run_dir: Path, budget: float, extra: list[str], env: dict) -> dict:
     cmd = [sys.executable, "train.py", f"experiment={experiment}", "logger=csv",
            f"++trainer.max_time='{max_time_string(budget)}'", "trainer.min_epochs=0",
            "callbacks.sample_grid=null", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false",
-           f"hydra.run.dir={run_dir}", *extra]
+           "callbacks.model_checkpoint.every_n_train_steps=0", f"hydra.run.dir={run_dir}", *extra]
     print(f"[{experiment}] training for {budget:.0f} s -> {run_dir}", flush=True)
     rc, seconds = run_logged(cmd, run_dir / "bench_train.log", env, timeout=2 * budget + 900)
     return {"train_rc": rc, "train_wall_s": seconds, "train_cmd": cmd}
@@ -231,13 +236,20 @@ def evaluate_run(name: str, run_dir: Path, ref: Reference, args, env: dict, reco
         record["error"] = f"no checkpoint in {run_dir / 'checkpoints'}"
         return record
     record["checkpoint"] = str(ckpt)
-    record["steps"] = steps_trained(run_dir, ckpt)
+    # "steps trained" = the step of the checkpoint that is scored. Lightning 2.6 does not rewrite last.ckpt at
+    # the end of fit once a periodic step checkpoint wrote it, so a run stopped between periodic saves has a
+    # stale last.ckpt: said loudly here (the bench's own runs switch periodic saves off to avoid it).
+    record["steps"] = checkpoint_step(ckpt)
+    record["run_final_step"] = run_step(run_dir)
+    if None not in (record["steps"], record["run_final_step"]) and record["steps"] != record["run_final_step"]:
+        print(f"[{name}] WARNING: {ckpt.name} is from step {record['steps']} but the run ended at step "
+              f"{record['run_final_step']}; scoring the checkpoint", file=sys.stderr, flush=True)
     metrics = run_dir / "metrics.json"
     if metrics.is_file():
         m = json.loads(metrics.read_text())
         record["train_seconds"] = m.get("train_seconds")
         record["val_loss"] = (m.get("metrics") or {}).get("val/loss")
-    out_dir = run_dir / f"bench_samples_{args.num_samples}"
+    out_dir = run_dir / f"bench_samples_{args.num_samples}_{args.stamp}"
     print(f"[{name}] sampling {args.num_samples} images from {ckpt.name} ...", flush=True)
     record.update(sample(ckpt, out_dir, args.num_samples, args.sample_batch_size, args.sample_extra, env))
     npz = out_dir / "samples.npz"
@@ -262,15 +274,15 @@ def pct(x: float | None) -> str:
 
 def report(results: list[dict], ref: Reference, args) -> str:
     lines = [
-        f"digit classifier: held-out accuracy {ref.info['test_accuracy']:.2%} on {ref.info['num_test']} digits "
-        f"(trained on {ref.info['num_train']})",
-        f"real digits flagged degenerate: {pct(ref.real_degenerate['held-out'])} of the 500 held-out, "
-        f"{pct(ref.real_degenerate['train'])} of the 4,500 training digits "
-        f"(rule: std < {STD_MIN} or mean > {MEAN_MAX} or > {BRIGHT_SHARE_MAX:.0%} of pixels above 0.5)",
-        f"Fréchet floor: N real training digits vs the 500 held-out digits, N = the sample count",
+        (f"digit classifier: held-out accuracy {ref.info['test_accuracy']:.2%} on {ref.info['num_test']} digits "
+         f"(trained on {ref.info['num_train']})"),
+        (f"real digits flagged degenerate: {pct(ref.real_degenerate['held-out'])} of the 500 held-out, "
+         f"{pct(ref.real_degenerate['train'])} of the 4,500 training digits "
+         f"(rule: std < {STD_MIN} or mean > {MEAN_MAX} or > {BRIGHT_SHARE_MAX:.0%} of pixels above 0.5)"),
+        "Fréchet floor: N real training digits vs the 500 held-out digits, N = the sample count",
         "",
-        "| experiment | steps trained | degenerate % | min/max class share | per-class shares (0-9) "
-        "| Fréchet (feature) | floor | ratio to floor |",
+        ("| experiment | steps trained | degenerate % | min/max class share | per-class shares (0-9) "
+         "| Fréchet (feature) | floor | ratio to floor |"),
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -288,9 +300,11 @@ def report(results: list[dict], ref: Reference, args) -> str:
             continue
         checks = ", ".join(f"{k}: {'pass' if ok else 'FAIL'}" for k, ok in r["targets"].items())
         lines.append(f"- {r['name']}: {'PASS' if all(r['targets'].values()) else 'FAIL'} ({checks})")
-    lines.append(f"\n(N = {args.num_samples} samples per experiment; budget {args.budget_seconds:.0f} s of training "
-                 f"per experiment; extra training overrides: {' '.join(args.extra) or 'none'}; sampling "
-                 f"overrides: {' '.join(args.sample_extra) or 'none'})")
+    trained = ("existing runs, not trained by the bench" if args.run_dirs else
+               f"budget {args.budget_seconds:.0f} s of training per experiment; extra training overrides: "
+               f"{' '.join(args.extra) or 'none'}")
+    lines.append(f"\n(N = {args.num_samples} samples per experiment; {trained}; sampling overrides: "
+                 f"{' '.join(args.sample_extra) or 'none'})")
     return "\n".join(lines)
 
 
@@ -336,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         env["OMP_NUM_THREADS"] = str(args.threads)
         env["MKL_NUM_THREADS"] = str(args.threads)
     ref = Reference(Path(args.classifier_dir))
-    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    stamp = args.stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     results = []
     if args.run_dirs:
         for d in args.run_dirs:

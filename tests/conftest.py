@@ -9,14 +9,20 @@ from pathlib import Path
 
 import pytest
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
+# The test networks are tiny: one thread is as fast as two, and it avoids OpenMP threads spinning against
+# the train.py / sample.py processes the tests start (seen here: 7-50x slowdowns on a busy 2-core machine).
+torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).parent))  # tests/fakes.py
 
 
 def run_entry(script: str, *overrides: str, timeout: int = 600, env: dict | None = None,
               cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run ``python train.py|sample.py overrides...`` as a user would (offline W&B)."""
-    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0",
+                "OMP_NUM_THREADS": "1"}
     full_env.pop("HYDRA_FULL_ERROR")
     full_env.update(env or {})
     return subprocess.run([sys.executable, str(ROOT / script), *overrides], capture_output=True, text=True,

@@ -53,8 +53,8 @@ def test_fast_dev_run_reads_mnist_cifar10_celeba_from_their_real_formats(tmp_pat
     write_celeba(data, partitions=[0] * 6 + [1] * 4 + [2] * 2)
     sweep = tmp_path / "sweep"
     result = run_entry(
-        "train.py", "-m", "experiment=mnist_paper,cifar10_paper,celeba_paper", "debug=fast_dev_run",
-        f"paths.data_dir={data}", "data.verify_checksums=false", "model.net.ngf=8", "data.batch_size=4",
+        "train.py", "-m", "experiment=mnist_paper", "data=mnist,cifar10,celeba", "debug=fast_dev_run",
+        f"paths.data_dir={data}", "++data.verify_checksums=false", "model.net.ngf=8", "data.batch_size=4",
         "data.num_workers=0", "data.pin_memory=false", "logger=csv", "callbacks.progress_bar=null",
         f"hydra.sweep.dir={sweep}",
     )

@@ -217,9 +217,9 @@ def fp32_norms(net: nn.Module, types_: tuple[type[nn.Module], ...] = NORM_TYPES)
     Under bf16 autocast the convolutions hand bf16 activations to the norms; InstanceNorm++ then takes
     channel means, their mean and variance and the difference ``mu_c - m`` in bf16 (8 significant bits),
     which can cancel to nothing. This routes each norm's forward through :func:`_fp32_norm_forward`
-    (input cast to fp32, autocast off inside). Parameters, buffers and state-dict keys are untouched, and in
-    fp32 without autocast the result is bit-for-bit the original one. Idempotent; returns how many layers
-    were patched.
+    (input cast to fp32, autocast off inside, channels_last in -> channels_last out). Parameters, buffers and
+    state-dict keys are untouched, and for an NCHW fp32 input without autocast the result is bit-for-bit the
+    original one. Idempotent; returns how many layers were patched.
     """
     count = 0
     for module in net.modules():
@@ -231,7 +231,7 @@ def fp32_norms(net: nn.Module, types_: tuple[type[nn.Module], ...] = NORM_TYPES)
 
 
 def prepare_net(net: nn.Module, settings: PerfSettings) -> nn.Module:
-    """The in-place part of the fast path: channels_last weights, norms in fp32 on NCHW inputs.
+    """The in-place part of the fast path: channels_last weights; norms in fp32 that keep the layout.
 
     Parameter names, shapes and values are unchanged (checkpoints stay interchangeable); the Parameter
     objects are kept, so an optimizer built before or after sees the same tensors. Returns ``net``.
