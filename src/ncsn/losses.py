@@ -56,7 +56,8 @@ def _per_level(per_sample: torch.Tensor, levels: torch.Tensor, num_scales: int) 
     per_sample = per_sample.float()
     level_sum = torch.zeros(num_scales, dtype=per_sample.dtype, device=per_sample.device)
     level_sum = level_sum.index_add(0, levels, per_sample.detach())
-    level_count = torch.bincount(levels, minlength=num_scales).to(per_sample.dtype)
+    # index_add rather than bincount: bincount synchronises with the host on CUDA
+    level_count = torch.zeros_like(level_sum).index_add(0, levels, torch.ones_like(per_sample))
     return LossOutput(per_sample.mean(), level_sum, level_count)
 
 
