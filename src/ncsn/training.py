@@ -159,6 +159,17 @@ def reset_distributed(saved_env: dict) -> None:
             os.environ[key] = value
 
 
+def save_final_last_checkpoint(trainer: L.Trainer) -> None:
+    """Make ``last.ckpt`` hold the final step. Lightning only refreshes it at its periodic saves, so a run that
+    stops between two (``max_time``, ``max_steps`` not a multiple of the interval) would keep older weights."""
+    callback = trainer.checkpoint_callback
+    if callback is None or not getattr(callback, "save_last", False) or callback.dirpath is None:
+        return
+    if trainer.interrupted or getattr(callback, "_last_global_step_saved", None) == trainer.global_step:
+        return
+    trainer.save_checkpoint(str(Path(callback.dirpath) / "last.ckpt"))
+
+
 def close_loggers(loggers: list) -> None:
     """Close W&B runs so the next job of a multirun starts its own run."""
     from lightning.pytorch.loggers import WandbLogger
@@ -192,6 +203,7 @@ def train(cfg: DictConfig) -> float | None:
     saved_env = {k: os.environ.get(k) for k in DDP_ENV}
     try:
         trainer.fit(objects["model"], datamodule=objects["datamodule"], ckpt_path=ckpt_path)
+        save_final_last_checkpoint(trainer)
     finally:
         close_loggers(objects["loggers"])
         reset_distributed(saved_env)
