@@ -228,35 +228,20 @@ class ScoreModel(L.LightningModule):
         was_training = self.training
         self.eval()
         x = self.initial_samples(n, generator) if x_init is None else x_init.to(self.device)
+        args = (x, self.sigmas, int(settings["n_steps_each"]), float(settings["step_lr"]))
+        kwargs = {"denoise": bool(settings["denoise"]), "callback": callback, "generator": generator,
+                  "progress": progress}
         try:
             fast = self._fast_forward()
-            if fast is not None:
-                perf = self.perf_settings()
-                return graphed_annealed_langevin(
-                    self._perf_score_fn(fast),
-                    x,
-                    self.sigmas,
-                    int(settings["n_steps_each"]),
-                    float(settings["step_lr"]),
-                    denoise=bool(settings["denoise"]),
-                    callback=callback,
-                    generator=generator,
-                    progress=progress,
-                    cuda_graphs=perf.cuda_graphs,
-                    steps_per_graph=perf.steps_per_graph,
-                    cache=self._perf.graph_cache,
-                    cache_token=parameter_token(self) if perf.cuda_graphs else None,
-                )
-            return annealed_langevin(
-                self.score_fn,
-                x,
-                self.sigmas,
-                int(settings["n_steps_each"]),
-                float(settings["step_lr"]),
-                denoise=bool(settings["denoise"]),
-                callback=callback,
-                generator=generator,
-                progress=progress,
+            if fast is None:
+                return annealed_langevin(self.score_fn, *args, **kwargs)
+            perf = self.perf_settings()
+            return graphed_annealed_langevin(
+                self._perf_score_fn(fast), *args, **kwargs,
+                cuda_graphs=perf.cuda_graphs,
+                steps_per_graph=perf.steps_per_graph,
+                cache=self._perf.graph_cache,
+                cache_token=parameter_token(self) if perf.cuda_graphs else None,
             )
         finally:
             self.train(was_training)
