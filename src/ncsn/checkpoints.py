@@ -60,9 +60,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, target)
 
 
-def check_checkpoint_matches(model: torch.nn.Module, path: str | Path) -> None:
-    """Raise a CheckpointError when the checkpoint's weights do not fit ``model`` (another model config)."""
-    ckpt = load_checkpoint(path)
+def check_checkpoint_matches(model: torch.nn.Module, ckpt: dict[str, Any], path: str | Path) -> None:
+    """Raise a CheckpointError when the loaded checkpoint ``ckpt`` (read from ``path``) does not fit ``model``
+    (another model config)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()}
     if expected == found:

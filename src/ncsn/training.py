@@ -128,12 +128,12 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     return str(check_checkpoint_path(ckpt_path)) if ckpt_path else None
 
 
-def continue_wandb_run(cfg: DictConfig, ckpt_path: str) -> None:
+def continue_wandb_run(cfg: DictConfig, ckpt: dict) -> None:
     """Resume the W&B run the checkpoint was logged to (its id is stored in the checkpoint)."""
     wandb_cfg = (cfg.get("logger") or {}).get("wandb")
     if not wandb_cfg or wandb_cfg.get("id"):
         return
-    run_id = load_checkpoint(ckpt_path).get("wandb_run_id")
+    run_id = ckpt.get("wandb_run_id")
     if run_id:
         with open_dict(cfg):
             cfg.logger.wandb.id = run_id
@@ -191,12 +191,14 @@ def train(cfg: DictConfig) -> float | None:
     log.info("Run directory: %s", run_dir.resolve())
 
     ckpt_path = resume_checkpoint(cfg)
-    if ckpt_path:
-        continue_wandb_run(cfg, ckpt_path)
+    resume_from = load_checkpoint(ckpt_path) if ckpt_path else None  # read once for both checks below
+    if resume_from is not None:
+        continue_wandb_run(cfg, resume_from)
     objects = build(cfg)
     trainer: L.Trainer = objects["trainer"]
-    if ckpt_path:
-        check_checkpoint_matches(objects["model"], ckpt_path)
+    if resume_from is not None:
+        check_checkpoint_matches(objects["model"], resume_from, ckpt_path)
+        del resume_from  # Lightning reads the file itself in fit; don't hold a second copy in memory
         log.info("Resuming from %s", ckpt_path)
     for logger in objects["loggers"]:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
