@@ -1,5 +1,8 @@
 """Train a score network: python train.py [experiment=NAME] [group=option ...] [key=value ...]
 
+Without experiment=NAME it runs the GPU recipe (experiment=mnist) where a CUDA GPU is visible and the CPU
+recipe (experiment=cpu) otherwise, and says which in one line.
+
 Composes conf/train.yaml and calls ncsn.training.train. See README.md.
 """
 
@@ -23,4 +26,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    run_entry_point(main, CONF_DIR, sys.argv[1:])
+    run_entry_point(main, CONF_DIR, sys.argv[1:], pick_experiment=True)

@@ -30,7 +30,7 @@ def run_entry(script: str, *overrides: str, timeout: int = 600, env: dict | None
 
 # Overrides that make a run tiny: NCSN with ngf 8 on the bundled digits, 4 steps, checkpoints every 2.
 TINY = ["experiment=mnist_paper", "debug=smoke", "model.net.ngf=8", "data.batch_size=16"]
-EMA_ON = "callbacks.ema={_target_:lightning.pytorch.callbacks.EMAWeightAveraging,decay:0.9}"
+EMA_ON = "callbacks.ema={_target_:ncsn.ema.EMA,decay:0.9}"
 
 
 @pytest.fixture(scope="session")

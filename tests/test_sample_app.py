@@ -49,12 +49,6 @@ def test_same_seed_same_samples_and_sampler_overrides_change_them(ckpt, tmp_path
     assert not np.array_equal(a, c) and not np.array_equal(a, d) and not np.array_equal(a, e)
 
 
-def test_ema_weights_are_used_unless_switched_off(ckpt, tmp_path):
-    ema = np.load(run_sample(tmp_path / "ema", ckpt)["array"])["samples"]
-    raw = np.load(run_sample(tmp_path / "raw", ckpt, "use_ema=false")["array"])["samples"]
-    assert not np.array_equal(ema, raw)
-
-
 def test_trajectory_strips_and_gif(ckpt, tmp_path):
     files = run_sample(tmp_path, ckpt, "mode=trajectory", "trajectory.num=3", "trajectory.every=1",
                        "trajectory.gif=true")

@@ -180,11 +180,48 @@ def precheck_command_line(conf_dir, argv: list[str]) -> None:
         _check_writable(values.get("paths.log_dir", "outputs"), "output dir")
 
 
-def run_entry_point(main: Callable[[], Any], conf_dir, argv: list[str]) -> None:
-    """Pre-check the command line (one clear line and exit 2 on a mistake), then run the Hydra main."""
+GPU_EXPERIMENT = "mnist"
+CPU_EXPERIMENT = "cpu"
+
+
+def choose_experiment(argv: list[str], cuda_available: bool, gpu_name: str = "") -> tuple[list[str], str | None]:
+    """``train.py`` without ``experiment=``: the GPU recipe where a CUDA GPU is visible, the CPU recipe
+    otherwise. Returns the command line to run and the one line that says what was picked and why (None when
+    the user chose an experiment: an explicit ``experiment=...`` always wins)."""
+    if any(a.lstrip("+~").startswith("experiment=") for a in argv):
+        return argv, None
+    if cuda_available:
+        name = f" ({gpu_name})" if gpu_name else ""
+        line = (f"ncsn: a CUDA GPU is visible{name}: running experiment={GPU_EXPERIMENT}, the GPU recipe "
+                f"(about 5 minutes on one H100); add experiment=NAME to choose another")
+        return [*argv, f"experiment={GPU_EXPERIMENT}"], line
+    line = (f"ncsn: no CUDA GPU found: running experiment={CPU_EXPERIMENT}, the CPU recipe (about 12 minutes "
+            f"on 2 cores), instead of the GPU recipe experiment={GPU_EXPERIMENT} (over 8 hours on a CPU); add "
+            f"experiment=NAME to choose another")
+    return [*argv, f"experiment={CPU_EXPERIMENT}"], line
+
+
+def pick_default_experiment() -> None:
+    """Apply :func:`choose_experiment` to ``sys.argv`` (so a DDP re-launch runs the same experiment) and say
+    which recipe was picked, on stderr."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    argv, line = choose_experiment(sys.argv[1:], cuda, torch.cuda.get_device_name(0) if cuda else "")
+    if line is not None:
+        sys.argv[1:] = argv
+        print(line, file=sys.stderr, flush=True)
+
+
+def run_entry_point(main: Callable[[], Any], conf_dir, argv: list[str], pick_experiment: bool = False) -> None:
+    """Pre-check the command line (one clear line and exit 2 on a mistake), then run the Hydra main.
+    ``pick_experiment``: choose the GPU or CPU recipe when no experiment is given (train.py)."""
     if os.environ.get("LOCAL_RANK", "0") != "0":  # a DDP child re-launched by Lightning: already checked
         main()
         return
+    if pick_experiment:
+        pick_default_experiment()
+        argv = sys.argv[1:]
     try:
         precheck_command_line(conf_dir, argv)
     except UserError as exc:

@@ -16,9 +16,12 @@ from ncsn.data.transforms import to_image_range
 
 
 def averaged_module(trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningModule:
-    """The EMA copy of the module when a WeightAveraging callback is attached, else the module itself."""
+    """The EMA copy of the module when a WeightAveraging callback is attached and has started averaging
+    (``n_averaged > 0``; before that the copy is the initial random network), else the module itself."""
+    from ncsn.ema import ema_started
+
     for callback in trainer.callbacks:
-        if isinstance(callback, WeightAveraging) and callback._average_model is not None:
+        if isinstance(callback, WeightAveraging) and ema_started(callback):
             return callback._average_model.module
     return pl_module
 
@@ -138,14 +141,49 @@ class RunRecordCallback(L.Callback):
 
 class MetricsFileCallback(L.Callback):
     """Writes ``metrics.json`` in the run dir at the end of fit (rank zero), whatever loggers are attached:
-    the last value of every logged metric, the global step, wall time and training speed (images/s).
-    Sweep reports read it."""
+    the last value of every logged metric, the global step, and the training speed. Sweep reports read it.
+
+    ``train_seconds`` counts training only: the steps with their data loading, logging and EMA updates, not
+    validation, checkpoint saves or sample grids; ``images_per_second`` is the images trained divided by it.
+    ``wall_seconds`` is the whole time from the start of training to the end of fit.
+
+    The timing adds no host/GPU sync at a step (only one at the start of each validation and one at the end of
+    training): time is cut at this callback's hooks into segments, and a segment in which a checkpoint was
+    saved or a sample grid was made is left out whole (and with it at most one step's own time)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._start: float | None = None
         self._start_step = 0
         self._samples = 0
+        self._train_seconds = 0.0
+        self._mark: float | None = None  # start of the segment being timed; None while not timing
+        self._saved = False  # a checkpoint was saved in this segment
+        self._grids: tuple = ()  # the sample-grid callbacks' last grid steps when this segment started
+        self._in_validation = False
+
+    @staticmethod
+    def _grid_steps(trainer) -> tuple:
+        return tuple(cb._last_step for cb in trainer.callbacks if isinstance(cb, SampleGridCallback))
+
+    @staticmethod
+    def _sync(device: torch.device) -> None:
+        """Wait for the device's queued work, so that training work still running is timed as training."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elif device.type == "mps":
+            torch.mps.synchronize()
+
+    def _next_segment(self, trainer, start_next: bool = True) -> None:
+        """End the segment being timed, counting it unless a checkpoint or a sample grid was made in it."""
+        import time
+
+        now = time.perf_counter()
+        if self._mark is not None and not self._saved and self._grid_steps(trainer) == self._grids:
+            self._train_seconds += now - self._mark
+        self._mark = now if start_next else None
+        self._saved = False
+        self._grids = self._grid_steps(trainer)
 
     def on_train_start(self, trainer, pl_module) -> None:
         import time
@@ -153,10 +191,37 @@ class MetricsFileCallback(L.Callback):
         self._start = time.perf_counter()
         self._start_step = trainer.global_step
         self._samples = 0
+        self._train_seconds = 0.0
+        self._mark = None
+        self._next_segment(trainer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._next_segment(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         self._samples += int(x.shape[0]) * trainer.world_size
+        self._next_segment(trainer)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._saved = True
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or self._mark is None:
+            return
+        self._sync(pl_module.device)
+        self._next_segment(trainer, start_next=False)
+        self._in_validation = True
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._in_validation:
+            self._in_validation = False
+            self._next_segment(trainer)  # the validation segment is not timed (no mark): starts the next one
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._mark is not None:
+            self._sync(pl_module.device)
+        self._next_segment(trainer, start_next=False)
 
     @rank_zero_only
     def on_fit_end(self, trainer, pl_module) -> None:
@@ -164,7 +229,8 @@ class MetricsFileCallback(L.Callback):
         import math
         import time
 
-        elapsed = time.perf_counter() - self._start if self._start is not None else float("nan")
+        wall = time.perf_counter() - self._start if self._start is not None else float("nan")
+        elapsed = self._train_seconds if self._start is not None else float("nan")
         metrics = {}
         for name, value in trainer.callback_metrics.items():
             v = float(value)
@@ -172,6 +238,7 @@ class MetricsFileCallback(L.Callback):
         record = {
             "global_step": trainer.global_step,
             "train_seconds": elapsed,
+            "wall_seconds": wall,
             "train_steps": trainer.global_step - self._start_step,
             "images_per_second": self._samples / elapsed if elapsed and elapsed > 0 else None,
             "metrics": metrics,

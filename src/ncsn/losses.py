@@ -33,6 +33,12 @@ class LossOutput:
     loss: torch.Tensor
     level_sum: torch.Tensor
     level_count: torch.Tensor
+    #: DSM only (None for SSM), both summed over the batch, for spotting a collapsed network without a host
+    #: sync: the loss a zero score would get on the same draws (½ σ^(p-2) ‖z‖², D/2 per sample when p = 2),
+    #: and the mean square of the σ-scaled score σ·s (the NCSNv2 net's raw output; about 1 for a good
+    #: network at small σ, 0 for a collapsed one).
+    zero_output_sum: torch.Tensor | None = None
+    output_sq_sum: torch.Tensor | None = None
 
     def per_level_mean(self) -> torch.Tensor:
         """Mean loss at each level (NaN where no sample was drawn at that level)."""
@@ -52,13 +58,13 @@ def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
 
 
-def _per_level(per_sample: torch.Tensor, levels: torch.Tensor, num_scales: int) -> LossOutput:
+def _per_level(per_sample: torch.Tensor, levels: torch.Tensor, num_scales: int, **extra) -> LossOutput:
     per_sample = per_sample.float()
     level_sum = torch.zeros(num_scales, dtype=per_sample.dtype, device=per_sample.device)
     level_sum = level_sum.index_add(0, levels, per_sample.detach())
     # index_add rather than bincount: bincount synchronises with the host on CUDA
     level_count = torch.zeros_like(level_sum).index_add(0, levels, torch.ones_like(per_sample))
-    return LossOutput(per_sample.mean(), level_sum, level_count)
+    return LossOutput(per_sample.mean(), level_sum, level_count, **extra)
 
 
 def dsm_loss(
@@ -91,9 +97,15 @@ def dsm_loss(
     x_noisy = x + used * noise
     score = score_fn(x_noisy, levels)
     # ½ σ^p ‖s + z/σ‖²; computed in fp32 so the loss stays exact under autocast.
-    residual = score.float() + noise.float() / used.float()
-    per_sample = 0.5 * residual.pow(2).flatten(1).sum(dim=1) * used.flatten().float() ** weight_power
-    return _per_level(per_sample, levels, num_scales)
+    sigma = used.float()
+    residual = score.float() + noise.float() / sigma
+    weight = sigma.flatten() ** weight_power
+    per_sample = 0.5 * residual.pow(2).flatten(1).sum(dim=1) * weight
+    with torch.no_grad():
+        zero_output = 0.5 * (noise.float() / sigma).pow(2).flatten(1).sum(dim=1) * weight
+        output_sq = (score.detach().float() * sigma).pow(2).flatten(1).mean(dim=1)
+    return _per_level(per_sample, levels, num_scales, zero_output_sum=zero_output.sum(),
+                      output_sq_sum=output_sq.sum())
 
 
 def sliced_score_matching_loss(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -16,12 +17,15 @@ import lightning as L
 import torch
 from torch import nn
 
+from ncsn.diagnostics import collapse_warning, grad_norm
 from ncsn.errors import ConfigError, UserError
 from ncsn.losses import LossOutput, dsm_loss, sliced_score_matching_loss
 from ncsn.nets import score_function
 from ncsn.perf import PerfRuntime, PerfSettings, graphed_annealed_langevin, optimizer_kwargs, parameter_token
 from ncsn.samplers import annealed_langevin, check_sampler_settings
 from ncsn.sigmas import validate_sigmas
+
+log = logging.getLogger("ncsn")
 
 LOSSES = {"dsm": dsm_loss, "ssm": sliced_score_matching_loss}
 
@@ -51,6 +55,13 @@ class ScoreModel(L.LightningModule):
         perf: the fast path (``conf/perf/``, see ``ncsn.perf.PerfSettings``): bf16 autocast, channels_last,
             torch.compile, fused Adam, CUDA-graph sampling. ``enabled: auto`` turns it on when the module
             runs on a CUDA device; None (the default in Python) means off: exactly the plain fp32 path.
+        collapse_check_after: from this global step on, every validation checks that the network has not
+            collapsed (``ncsn.diagnostics.collapse_warning``) and warns in one line when it has.
+
+    Besides the losses it logs what shows a collapse, without a host sync per step: ``train/grad_norm``
+    (before clipping), ``train/output_ms`` and ``val/output_ms`` (mean square of σ·s: 0 for a constant zero
+    output), ``val/zero_output_loss`` (the loss of a zero score on the same data and noise, D/2 for λ = σ²),
+    ``val/loss_to_zero_output`` (their ratio) and ``val/collapsed`` (1 when the check fired).
     """
 
     def __init__(
@@ -66,6 +77,7 @@ class ScoreModel(L.LightningModule):
         val_seed: int = 0,
         nonfinite: str = "raise",
         perf: Mapping[str, Any] | PerfSettings | None = None,
+        collapse_check_after: int = 100,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
@@ -85,6 +97,10 @@ class ScoreModel(L.LightningModule):
         self.nonfinite = nonfinite
         self._val_sum: torch.Tensor | None = None
         self._val_count: torch.Tensor | None = None
+        self._val_health: torch.Tensor | None = None
+        self.collapse_check_after = int(collapse_check_after)
+        #: the collapse warnings of this run so far (``metrics.json`` records them)
+        self.health_warnings: list[str] = []
         self.skipped_steps = 0
         self.perf = PerfSettings.from_config(perf)
         self._perf = PerfRuntime()
@@ -131,8 +147,11 @@ class ScoreModel(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
-        out = self.compute_loss(self._images(batch))
+        x = self._images(batch)
+        out = self.compute_loss(x)
         self._last_loss_output = out
+        if out.output_sq_sum is not None:
+            self.log("train/output_ms", out.output_sq_sum / x.shape[0])
         if self.nonfinite == "raise":
             self.log("train/loss", out.loss, prog_bar=True)
             return out.loss
@@ -155,6 +174,7 @@ class ScoreModel(L.LightningModule):
             self._raise_nonfinite(loss, self._last_loss_output)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.log("train/grad_norm", grad_norm(self.parameters()))  # a tensor: no host sync here
         if self.nonfinite == "raise" and self._sync_free_checks():
             bad = self._perf.watch.first_bad()
             if bad is not None:
@@ -172,6 +192,7 @@ class ScoreModel(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_sum = torch.zeros(self.num_scales, device=self.device)
         self._val_count = torch.zeros(self.num_scales, device=self.device)
+        self._val_health = torch.zeros(2, device=self.device)  # zero-output loss sum, output mean-square sum
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x = self._images(batch)
@@ -180,19 +201,41 @@ class ScoreModel(L.LightningModule):
         out = self.compute_loss(x, generator)
         self._val_sum += out.level_sum
         self._val_count += out.level_count
+        if out.zero_output_sum is not None:
+            self._val_health += torch.stack([out.zero_output_sum, out.output_sq_sum])
 
     def on_validation_epoch_end(self) -> None:
         total_sum = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
         total_count = self.trainer.strategy.reduce(self._val_count, reduce_op="sum")
+        health = self.trainer.strategy.reduce(self._val_health, reduce_op="sum")
         if total_count.sum() == 0:
             return
         metrics = {"val/loss": total_sum.sum() / total_count.sum()}
+        if self.loss_name == "dsm":
+            metrics.update(self._health_metrics(metrics["val/loss"], *(health / total_count.sum())))
         per_level = total_sum / total_count.clamp_min(1)
         for i in range(self.num_scales):
             metrics[f"val/loss_sigma_{i}"] = per_level[i]
         # the values are already summed over processes (the same on every rank): no second sync needed
         self.log("val/loss", metrics.pop("val/loss"), prog_bar=True)
         self.log_dict(metrics)
+
+    def _health_metrics(self, val_loss: torch.Tensor, zero_output: torch.Tensor, output_ms: torch.Tensor) -> dict:
+        """The collapse metrics of one validation, and the warning line when the network has collapsed."""
+        ratio = val_loss / zero_output
+        collapsed = 0.0
+        if self.global_step >= self.collapse_check_after and not self.trainer.sanity_checking:
+            lr = None
+            if self.trainer.optimizers:
+                lr = float(self.trainer.optimizers[0].param_groups[0]["lr"])
+            line = collapse_warning(self.global_step, float(val_loss), float(zero_output), float(output_ms), lr)
+            if line is not None:
+                collapsed = 1.0
+                self.health_warnings.append(line)
+                if self.trainer.is_global_zero:
+                    log.warning(line)
+        return {"val/zero_output_loss": zero_output, "val/loss_to_zero_output": ratio, "val/output_ms": output_ms,
+                "val/collapsed": torch.tensor(collapsed, device=val_loss.device)}
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):

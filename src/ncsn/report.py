@@ -4,7 +4,9 @@ Reads every job dir of the sweep (``<sweep dir>/<job num>/``: ``.hydra/overrides
 ``error.txt``, ``checkpoints/config.yaml``, ``samples/step_*.png``) and writes into SWEEP_DIR:
 
 * ``report.csv``: one row per job: job number, the swept values (one column per swept key), status
-  (``ok`` / ``failed``), final ``val/loss``, every ``val/loss_sigma_i``, ``val/fid`` when a job logged it,
+  (``ok`` / ``failed``), final ``val/loss`` next to the zero-output loss (their ratio near 1 = the network
+  learned nothing), the output mean square and gradient norm, the run's collapse warning if any (``collapse``;
+  also named at the top of ``report.md``), every ``val/loss_sigma_i``, ``val/fid`` when a job logged it,
   ``train/loss``, images/s, global step, training seconds, the error line of failed jobs and the job dir;
 * ``report.md``: the same as a Markdown table (per-level losses only when there are few levels), the best
   job, the settings every job shared, and the two figures;
@@ -194,7 +196,9 @@ def _num(value: Any) -> float | None:
 def build_rows(jobs: list[Job], swept: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
     n_levels = max((len(j.per_sigma_losses()) for j in jobs), default=0)
     has_fid = any("val/fid" in j.metrics for j in jobs)
-    columns = ["job", *swept, "status", "val/loss", *[f"val/loss_sigma_{i}" for i in range(n_levels)]]
+    columns = ["job", *swept, "status", "val/loss", "val/zero_output_loss", "val/loss_to_zero_output",
+               "val/output_ms", "train/grad_norm", "collapse",
+               *[f"val/loss_sigma_{i}" for i in range(n_levels)]]
     columns += (["val/fid"] if has_fid else []) + ["train/loss", "images_per_second", "global_step",
                                                    "train_seconds", "error", "dir"]
     rows = []
@@ -206,6 +210,10 @@ def build_rows(jobs: list[Job], swept: list[str]) -> tuple[list[str], list[dict[
         row.update({k: ov.get(k, "") for k in swept})
         row["status"] = "ok" if job.ok else "failed"
         row["val/loss"] = _num(m.get("val/loss"))
+        for key in ("val/zero_output_loss", "val/loss_to_zero_output", "val/output_ms", "train/grad_norm"):
+            row[key] = _num(m.get(key))
+        warnings = record.get("warnings") or []
+        row["collapse"] = warnings[-1] if warnings else ""
         for i, v in enumerate(job.per_sigma_losses()):
             row[f"val/loss_sigma_{i}"] = _num(v)
         if has_fid:
@@ -344,6 +352,10 @@ def write_markdown(path: Path, sweep_dir: Path, jobs: list[Job], swept: list[str
         best = min(scored, key=lambda t: t[0])[1]
         values = ", ".join(f"{k}={best[k]}" for k in swept if best[k] not in ("", None))
         out.append(f"- best val/loss: {best['val/loss']:.4g} (job {best['job']}{': ' + values if values else ''})")
+    collapsed = [r for r in rows if r.get("collapse")]
+    if collapsed:
+        out.append(f"- **collapsed: {len(collapsed)} job(s)** ({', '.join(str(r['job']) for r in collapsed)}): "
+                   f"{collapsed[0]['collapse']}")
     out.append("")
     level_cols = [c for c in columns if SIGMA_KEY.match(c)]
     shown = [c for c in columns if c != "dir" and (c not in level_cols or len(level_cols) <= 12)]

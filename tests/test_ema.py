@@ -1,0 +1,154 @@
+"""ncsn.ema.EMA, the EMA callback: raw weights kept after fit, used by sample.py use_ema=false and by a resume;
+raw weights for validation, the sample grid and checkpoints before the EMA starts.
+
+Three tiny real runs of 3 steps, same seed: EMA off, EMA on (decay 0.9, from the first step) and EMA starting
+at step 1000 (never, here). 3 steps with checkpoints every 2 means last.ckpt is written after fit ends (by
+ncsn.training.save_final_last_checkpoint), i.e. after the callbacks' on_train_end.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from conftest import EMA_ON, ROOT, TINY, run_entry
+from hydra import compose, initialize_config_dir
+from lightning.pytorch.callbacks import WeightAveraging
+from omegaconf import OmegaConf
+
+from ncsn import training
+from ncsn.app import instantiate, instantiate_group
+from ncsn.ema import EMA
+from ncsn.sampling_app import generate, sample, to_uint8_hwc
+
+THREE_STEPS = [*TINY, "trainer.max_steps=3", "logger=none"]
+EMA_LATE = EMA_ON.replace("}", ",update_starting_at_step:1000}")
+SAMPLE = ["sampler.n_steps_each=2", "progress=false", "num_samples=4", "batch_size=4", "seed=3"]
+
+
+def train_run(run_dir: Path, *overrides: str) -> Path:
+    result = run_entry("train.py", *THREE_STEPS, *overrides, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name, value in a.items():
+        assert torch.equal(value, b[name]), name
+
+
+def differs(a: dict, b: dict) -> bool:
+    return any(not torch.equal(a[name], b[name]) for name in a)
+
+
+@pytest.fixture(scope="module")
+def off_run(tmp_path_factory) -> Path:
+    return train_run(tmp_path_factory.mktemp("ema") / "off", "callbacks.ema=null")
+
+
+@pytest.fixture(scope="module")
+def ema_run(tmp_path_factory) -> Path:
+    return train_run(tmp_path_factory.mktemp("ema") / "on", EMA_ON)
+
+
+@pytest.fixture(scope="module")
+def late_run(tmp_path_factory) -> Path:
+    return train_run(tmp_path_factory.mktemp("ema") / "late", EMA_LATE)
+
+
+def test_default_config_uses_the_projects_ema():
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["paths.output_dir=/tmp/unused", "experiment=mnist"])
+    ema = [c for c in instantiate_group(cfg.callbacks) if isinstance(c, EMA)]
+    assert len(ema) == 1 and ema[0].update_starting_at_step == cfg.callbacks.ema.update_starting_at_step
+
+
+def test_last_ckpt_after_fit_keeps_raw_weights_as_current_model_state(ema_run, off_run):
+    ckpt = load(ema_run / "checkpoints" / "last.ckpt")
+    raw = load(off_run / "checkpoints" / "last.ckpt")["state_dict"]
+    assert ckpt["global_step"] == 3  # written after fit, not at a periodic save
+    assert int(ckpt["averaging_state"]["n_averaged"]) == 3
+    # same seed, EMA on or off: the same raw weights (validation swapped the EMA in and back out)
+    assert_same_weights(ckpt["current_model_state"], raw)
+    assert differs(ckpt["state_dict"], ckpt["current_model_state"]), "state_dict must hold the EMA weights"
+
+
+def test_sample_app_uses_raw_weights_only_with_use_ema_false(ema_run, tmp_path):
+    last = ema_run / "checkpoints" / "last.ckpt"
+
+    def via_sample_py(out: Path, *overrides: str) -> np.ndarray:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("sample", overrides=[f"ckpt_path={last}", f"paths.output_dir={out}", *SAMPLE, *overrides])
+        return np.load(sample(cfg)["array"])["samples"]
+
+    def from_weights(key: str) -> np.ndarray:
+        ckpt = load(last)
+        model = instantiate(OmegaConf.create(ckpt["ncsn_config"]).model)
+        model.load_state_dict(ckpt[key])
+        return to_uint8_hwc(generate(model.eval(), 4, 4, 3, {"n_steps_each": 2}, progress=False))
+
+    ema = via_sample_py(tmp_path / "ema")
+    raw = via_sample_py(tmp_path / "raw", "use_ema=false")
+    assert not np.array_equal(ema, raw)
+    assert np.array_equal(raw, from_weights("current_model_state"))
+    assert np.array_equal(ema, from_weights("state_dict"))
+
+
+def test_resume_continues_from_raw_weights_with_the_ema_state(ema_run, off_run, tmp_path, monkeypatch):
+    last = ema_run / "checkpoints" / "last.ckpt"
+    saved = load(last)
+    raw = load(off_run / "checkpoints" / "last.ckpt")["state_dict"]
+    seen: dict = {}
+
+    class Probe(L.Callback):
+        """Records the module, the average and n_averaged when training (re)starts, after the restore."""
+
+        def on_train_start(self, trainer, pl_module):
+            ema = next(c for c in trainer.callbacks if isinstance(c, WeightAveraging))
+            seen["module"] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+            seen["average"] = {k: v.detach().clone() for k, v in ema._average_model.module.state_dict().items()}
+            seen["n_averaged"] = int(ema._average_model.n_averaged)
+
+    build = training.build
+
+    def build_with_probe(cfg):
+        objects = build(cfg)
+        objects["trainer"].callbacks.append(Probe())
+        return objects
+
+    monkeypatch.setattr(training, "build", build_with_probe)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*TINY, EMA_ON, "logger=none", "trainer.max_steps=4", f"ckpt_path={last}",
+                                          f"paths.output_dir={tmp_path}"])
+    training.train(cfg)
+
+    assert_same_weights(seen["module"], saved["current_model_state"])
+    assert_same_weights(seen["module"], raw)  # the raw weights, not the EMA
+    assert_same_weights(seen["average"], saved["state_dict"])
+    assert seen["n_averaged"] == int(saved["averaging_state"]["n_averaged"]) == 3
+    after = load(tmp_path / "checkpoints" / "last.ckpt")
+    assert after["global_step"] == 4 and int(after["averaging_state"]["n_averaged"]) == 4
+
+
+def test_before_the_ema_starts_validation_grid_and_checkpoints_use_raw_weights(late_run, off_run):
+    for name in ("step_0000002.ckpt", "last.ckpt"):
+        ckpt = load(late_run / "checkpoints" / name)
+        raw = load(off_run / "checkpoints" / name)["state_dict"]
+        assert int(ckpt["averaging_state"]["n_averaged"]) == 0
+        assert_same_weights(ckpt["state_dict"], raw)  # not the initial random network
+        assert_same_weights(ckpt["current_model_state"], raw)
+    late_metrics = json.loads((late_run / "metrics.json").read_text())["metrics"]
+    off_metrics = json.loads((off_run / "metrics.json").read_text())["metrics"]
+    assert late_metrics["val/loss"] == off_metrics["val/loss"]  # validation at step 2 ran on the raw weights
+    assert late_metrics == off_metrics
+    grid = "samples/step_0000003.png"
+    assert (late_run / grid).read_bytes() == (off_run / grid).read_bytes()
