@@ -13,13 +13,12 @@ from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
 from ncsn.data.transforms import to_image_range
+from ncsn.ema import ema_started
 
 
 def averaged_module(trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningModule:
     """The EMA copy of the module when a WeightAveraging callback is attached and has started averaging
     (``n_averaged > 0``; before that the copy is the initial random network), else the module itself."""
-    from ncsn.ema import ema_started
-
     for callback in trainer.callbacks:
         if isinstance(callback, WeightAveraging) and ema_started(callback):
             return callback._average_model.module
@@ -242,6 +241,8 @@ class MetricsFileCallback(L.Callback):
             "train_steps": trainer.global_step - self._start_step,
             "images_per_second": self._samples / elapsed if elapsed and elapsed > 0 else None,
             "metrics": metrics,
+            # the network-collapse warnings of the run (ncsn.diagnostics.collapse_warning), [] when healthy
+            "warnings": list(getattr(pl_module, "health_warnings", [])),
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".part")

@@ -153,13 +153,13 @@ class ScoreModel(L.LightningModule):
         if out.output_sq_sum is not None:
             self.log("train/output_ms", out.output_sq_sum / x.shape[0])
         if self.nonfinite == "raise":
-            self.log("train/loss", out.loss, prog_bar=True)
+            self.log("train/loss", out.loss)  # not prog_bar: Lightning would .item() it every step
             return out.loss
         if not torch.isfinite(out.loss):  # host sync only when the user asked for skipping
             self.skipped_steps += 1
             self.log("train/skipped_steps", float(self.skipped_steps))
             return None
-        self.log("train/loss", out.loss, prog_bar=True)
+        self.log("train/loss", out.loss)  # not prog_bar: Lightning would .item() it every step
         return out.loss
 
     def on_before_backward(self, loss: torch.Tensor) -> None:

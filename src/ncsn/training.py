@@ -14,7 +14,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ncsn.app import _in_multirun, instantiate, instantiate_group
@@ -75,12 +75,15 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     callbacks: list[L.Callback] = instantiate_group(cfg.get("callbacks"))
     resolved = OmegaConf.to_container(cfg, resolve=True)
     callbacks.append(RunRecordCallback(resolved, output_dir(cfg) / "checkpoints"))
-    callbacks.append(MetricsFileCallback(output_dir(cfg) / "metrics.json"))
+    callbacks.insert(0, MetricsFileCallback(output_dir(cfg) / "metrics.json"))  # first: its hooks time the steps
+    # before the other callbacks' (sample grids) and end the training time before the end-of-training grid
     callbacks.append(RngStateCallback())
     fall_back_to_offline_wandb(cfg)
     loggers = instantiate_group(cfg.get("logger"))
     if not loggers:  # nothing to report learning rates to (Lightning would refuse to start)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback with the bar off
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     check_trainer_config(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      plugins=[AtomicCheckpointIO()])
