@@ -195,6 +195,12 @@ def find_checkpoint(run_dir: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
+def scored_checkpoints(run_dir: Path, every: bool) -> list[Path | None]:
+    """The checkpoints to score: the last one (None), and with ``every`` each periodic ``step_*.ckpt`` first."""
+    periodic = sorted((run_dir / "checkpoints").glob("step_*.ckpt")) if every else []
+    return [*periodic, None]
+
+
 def checkpoint_step(ckpt: Path) -> int | None:
     import torch
 
@@ -229,9 +235,12 @@ def sample(ckpt: Path, out_dir: Path, num: int, batch: int, extra: list[str], en
     return {"sample_rc": rc, "sample_wall_s": seconds, "sample_cmd": cmd}
 
 
-def evaluate_run(name: str, run_dir: Path, ref: Reference, args, env: dict, record: dict) -> dict:
+def evaluate_run(name: str, run_dir: Path, ref: Reference, args, env: dict, record: dict,
+                 ckpt: Path | None = None) -> dict:
+    """Sample from ``ckpt`` (default: the run's last checkpoint) with ``sample.py`` and score the samples."""
     record.update(name=name, run_dir=str(run_dir))
-    ckpt = find_checkpoint(run_dir)
+    explicit = ckpt is not None
+    ckpt = ckpt or find_checkpoint(run_dir)
     if ckpt is None:
         record["error"] = f"no checkpoint in {run_dir / 'checkpoints'}"
         return record
@@ -241,7 +250,7 @@ def evaluate_run(name: str, run_dir: Path, ref: Reference, args, env: dict, reco
     # stale last.ckpt: said loudly here (the bench's own runs switch periodic saves off to avoid it).
     record["steps"] = checkpoint_step(ckpt)
     record["run_final_step"] = run_step(run_dir)
-    if None not in (record["steps"], record["run_final_step"]) and record["steps"] != record["run_final_step"]:
+    if not explicit and None not in (record["steps"], record["run_final_step"]) and record["steps"] != record["run_final_step"]:
         print(f"[{name}] WARNING: {ckpt.name} is from step {record['steps']} but the run ended at step "
               f"{record['run_final_step']}; scoring the checkpoint", file=sys.stderr, flush=True)
     metrics = run_dir / "metrics.json"
@@ -249,7 +258,7 @@ def evaluate_run(name: str, run_dir: Path, ref: Reference, args, env: dict, reco
         m = json.loads(metrics.read_text())
         record["train_seconds"] = m.get("train_seconds")
         record["val_loss"] = (m.get("metrics") or {}).get("val/loss")
-    out_dir = run_dir / f"bench_samples_{args.num_samples}_{args.stamp}"
+    out_dir = run_dir / f"bench_samples_{ckpt.stem}_{args.num_samples}_{args.stamp}"
     print(f"[{name}] sampling {args.num_samples} images from {ckpt.name} ...", flush=True)
     record.update(sample(ckpt, out_dir, args.num_samples, args.sample_batch_size, args.sample_extra, env))
     npz = out_dir / "samples.npz"
@@ -324,6 +333,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"CPU smoke run: {TINY_BUDGET} s, {' '.join(TINY_TRAIN_EXTRA)}, {TINY_SAMPLES} samples, "
                         f"{' '.join(TINY_SAMPLE_EXTRA)}")
     p.add_argument("--run-dirs", nargs="+", default=None, help="score these existing run dirs; no training")
+    p.add_argument("--every-checkpoint", action="store_true",
+                   help="score every step_*.ckpt of each run too (quality vs training steps), not only the last")
     p.add_argument("--threads", type=int, default=None,
                    help="OMP_NUM_THREADS for the subprocesses (1 avoids thread thrashing on a busy CPU)")
     p.add_argument("--runs-dir", default=str(RUNS_DIR), help="where new runs go")
@@ -357,7 +368,9 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = Path(d).resolve()
             if not run_dir.is_dir():
                 raise SystemExit(f"no such run dir: {run_dir}")
-            results.append(evaluate_run(run_dir.name, run_dir, ref, args, env, {}))
+            for ckpt in scored_checkpoints(run_dir, args.every_checkpoint):
+                name = run_dir.name if ckpt is None else f"{run_dir.name}/{ckpt.name}"
+                results.append(evaluate_run(name, run_dir, ref, args, env, {}, ckpt))
     else:
         for exp in args.experiments:
             run_dir = (Path(args.runs_dir) / f"{exp}_{stamp}").resolve()

@@ -1,23 +1,36 @@
 """Speed and memory of training and sampling: the official code's way of running vs our fast path.
 
-    python bench/speed.py                      # the paper's CIFAR-10 and MNIST networks (needs a GPU to be useful)
+    python bench/speed.py                      # all three networks below (needs a GPU to be useful)
     python bench/speed.py --tiny               # CPU smoke run at tiny sizes (CI: ``make bench-cpu``)
-    python bench/speed.py --json out.json --peak-tflops 989
+    python bench/speed.py --json out.json --peak-tflops 989 --nets cifar10_ncsnv2 --tasks sample
 
-For each network -- the paper's CIFAR-10 NCSN (ngf 128, 3x32x32, L = 10) and MNIST NCSN (ngf 64, 1x28x28) --
-it measures
+Networks (``--nets``, default all three; each with its own official sampler, see ``NETS``):
 
-* training images/s at batch 128 (one DSM step: forward, loss, backward, Adam step; synthetic batches already
-  on the device, so data loading is not part of it);
-* annealed-Langevin sampling images/s at batch 100 and 1,000. The paper's sampler runs T = 100 steps at each
-  of L = 10 levels (1,000 network evaluations per image); we time ``--sample-steps`` steps (default 50: 5 per
-  level, all 10 levels) after a warm-up call and extrapolate linearly to 1,000 steps per image;
+* ``cifar10``: the paper's CIFAR-10 NCSN (RefineNet with CondInstanceNorm++, ngf 128, 3x32x32), σ 1 → 0.01,
+  L = 10, T = 100, step_lr 2e-5: 1,000 network evaluations per image;
+* ``mnist``: the paper's MNIST NCSN (ngf 64, 1x28x28), same sampler: 1,000 evaluations per image;
+* ``cifar10_ncsnv2``: the NCSNv2 CIFAR-10 network (``ncsn.nets.NCSNv2``, ngf 128) with the official NCSNv2
+  CIFAR-10 sampler: σ 50 → 0.01 geometric, L = 232, T = 5, step_lr 6.2e-6 and the final denoising step:
+  232 x 5 + 1 = 1,161 evaluations per image, score = net(x)/σ.
+
+For each network it measures (``--tasks``, default both)
+
+* ``train``: training images/s at batch 128 (one DSM step: forward, loss, backward, Adam step; synthetic
+  batches already on the device, so data loading is not part of it);
+* ``sample``: annealed-Langevin sampling images/s at batch 100 and 1,000 (the NCSNv2 network: 1,000 only).
+  We time about ``--sample-steps`` Langevin steps (default 50) after a warm-up call and extrapolate linearly
+  to the network's evaluations per image. The timed steps keep the sampler's shape: the paper networks run
+  5 steps at each of their 10 levels; the NCSNv2 network its own T = 5 steps at 10 levels spread evenly over
+  its 232 (first and last included, so the step sizes are the real ones), plus its denoising step: 51
+  timed evaluations, extrapolated to 1,161. Which levels run does not change the cost of a step;
 
 for two ways of running the same network:
 
 * **baseline**: the official code (ermongroup/ncsn): fp32, eager, the Python loop of ``anneal_Langevin_dynamics``
   (labels per level, a fresh ``randn_like`` per step, ``x = x + step_size * grad + noise``), ``loss.item()``
   every training step (the official loop logs it), Adam with PyTorch's default implementation,
+  for the NCSNv2 network the same loop as ermongroup/ncsnv2 runs it (grad = net(x)/σ, the network divides by
+  σ inside, and the final ``x + σ_L² grad`` denoising step; its per-step norm statistics are left out),
   ``cudnn.benchmark = True`` (the official ``main.py`` sets it) and TF32 convolutions as PyTorch allows by
   default;
 * **fast**: ``ncsn.perf`` as ``perf=fast`` runs it: ``ScoreModel.compute_loss`` / ``ScoreModel.sample`` with
@@ -30,8 +43,11 @@ MFU: model FLOPs (``torch.utils.flop_counter.FlopCounterMode``: one forward for 
 for training) times the measured rate, over ``--peak-tflops`` (default 989: H100 SXM dense bf16; both paths
 are compared against the same bf16 peak).
 
-``--tiny`` (CPU): ngf 8, training batch 4, sampling batches 4 and 8, 10 sampling steps, compile off unless
+``--tiny`` (CPU): ngf 8, training batch 4, sampling batches 4 and 8, 10 sampling steps (the NCSNv2 network:
+5 steps at 2 of its levels + the denoising step, still extrapolated to 1,161), compile off unless
 ``--compile``; it checks that the script and both paths run, its numbers say nothing about a GPU.
+
+``--json`` is rewritten after every measured row, so a run cut short (``timeout``) keeps what it measured.
 """
 
 from __future__ import annotations
@@ -39,9 +55,11 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import gc
 import json
 import math
+import os
 import platform
 import resource
 import sys
@@ -52,18 +70,63 @@ from typing import Any
 import torch
 
 from ncsn.module import ScoreModel
-from ncsn.nets import NCSN
+from ncsn.nets import NCSN, NCSNv2, score_function
 from ncsn.perf import PerfSettings
 from ncsn.sigmas import geometric_sigmas
 
+
+@dataclasses.dataclass(frozen=True)
+class NetSpec:
+    """A benchmarked network and its official sampler (geometric σ, ``n_steps_each`` = T per level)."""
+
+    net_class: type[torch.nn.Module]
+    channels: int
+    size: int
+    ngf: int
+    sigma_max: float = 1.0
+    sigma_min: float = 0.01
+    num_scales: int = 10  # L
+    n_steps_each: int = 100  # T
+    step_lr: float = 2e-5
+    denoise: bool = False  # NCSNv2's final x + σ_L² s(x, σ_L): one more evaluation per image
+    sample_batches: tuple[int, ...] = (100, 1000)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.size, self.size)
+
+    @property
+    def evals_per_image(self) -> int:
+        """Network evaluations of one sample: L x T (+ 1 for the denoising step)."""
+        return self.num_scales * self.n_steps_each + int(self.denoise)
+
+    def sigmas(self) -> torch.Tensor:
+        return geometric_sigmas(self.sigma_max, self.sigma_min, self.num_scales)
+
+    def build(self, ngf: int | None = None) -> torch.nn.Module:
+        return self.net_class(in_channels=self.channels, image_size=self.size, ngf=ngf or self.ngf,
+                              num_scales=self.num_scales)
+
+    def timed_schedule(self, steps: int) -> tuple[torch.Tensor, int]:
+        """The σ levels and steps per level timed for about ``steps`` Langevin steps: ``steps // L`` per level
+        at every level when that is >= 1 (at most T), else T per level (at most ``steps``) at
+        ``steps // T`` levels spread evenly over the schedule, the first and the last included."""
+        L, T = self.num_scales, self.n_steps_each
+        per_level = min(T, steps // L) if steps >= L else min(T, max(1, steps))
+        levels = min(L, max(1, steps // per_level))
+        index = torch.linspace(0, L - 1, levels).round().long().unique()
+        return self.sigmas()[index], per_level
+
+
 NETS = {
-    # name: (channels, image size, ngf) -- the paper's networks
-    "cifar10": (3, 32, 128),
-    "mnist": (1, 28, 64),
+    # the paper's networks (NCSN, Song & Ermon 2019): L = 10, T = 100, step_lr 2e-5, no denoising step
+    "cifar10": NetSpec(NCSN, 3, 32, 128),
+    "mnist": NetSpec(NCSN, 1, 28, 64),
+    # NCSNv2 (Song & Ermon 2020), the official CIFAR-10 config: 232 x 5 + 1 = 1,161 evaluations per image
+    "cifar10_ncsnv2": NetSpec(NCSNv2, 3, 32, 128, sigma_max=50.0, sigma_min=0.01, num_scales=232, n_steps_each=5,
+                              step_lr=6.2e-6, denoise=True, sample_batches=(1000,)),
 }
-NUM_SCALES = 10
-STEP_LR = 2e-5
-PAPER_STEPS = 1000  # T = 100 steps x L = 10 levels per image
+TASKS = ("train", "sample")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -116,10 +179,13 @@ def flops_per_image(net: torch.nn.Module, shape: tuple[int, ...], device: torch.
 
 # ---------------------------------------------------------------------------------------------- baseline
 @torch.no_grad()
-def official_annealed_langevin(scorenet: torch.nn.Module, x_mod: torch.Tensor, sigmas: list[float],
-                               n_steps_each: int, step_lr: float) -> torch.Tensor:
+def official_annealed_langevin(scorenet: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_mod: torch.Tensor,
+                               sigmas: list[float], n_steps_each: int, step_lr: float,
+                               denoise: bool = False) -> torch.Tensor:
     """``anneal_Langevin_dynamics`` of the official code (minus the per-step copy of every intermediate
-    sample to the CPU, which only serves the trajectory figures)."""
+    sample to the CPU, which only serves the trajectory figures). ``scorenet(x, labels)`` is the score: the
+    NCSN network itself, or for NCSNv2 net(x)/σ (the official NCSNv2 network divides inside its forward).
+    ``denoise``: ermongroup/ncsnv2's final step ``x + σ_L² scorenet(x, L - 1)``."""
     for c, sigma in enumerate(sigmas):
         labels = torch.ones(x_mod.shape[0], device=x_mod.device) * c
         labels = labels.long()
@@ -128,14 +194,19 @@ def official_annealed_langevin(scorenet: torch.nn.Module, x_mod: torch.Tensor, s
             noise = torch.randn_like(x_mod) * math.sqrt(step_size * 2)
             grad = scorenet(x_mod, labels)
             x_mod = x_mod + step_size * grad + noise
+    if denoise:
+        last_noise = ((len(sigmas) - 1) * torch.ones(x_mod.shape[0], device=x_mod.device)).long()
+        x_mod = x_mod + sigmas[-1] ** 2 * scorenet(x_mod, last_noise)
     return x_mod
 
 
 # ---------------------------------------------------------------------------------------------- measurements
-def make_model(net: torch.nn.Module, shape: tuple[int, ...], perf: PerfSettings | None,
-               device: torch.device) -> ScoreModel:
-    model = ScoreModel(copy.deepcopy(net), geometric_sigmas(1.0, 0.01, NUM_SCALES), list(shape),
-                       sampler={"n_steps_each": 100, "step_lr": STEP_LR}, perf=perf)
+def make_model(spec: NetSpec, net: torch.nn.Module, perf: PerfSettings | None, device: torch.device,
+               sigmas: torch.Tensor | None = None) -> ScoreModel:
+    """A ScoreModel of a copy of ``net`` with the spec's sampler; ``sigmas`` defaults to the spec's schedule."""
+    model = ScoreModel(copy.deepcopy(net), spec.sigmas() if sigmas is None else sigmas, list(spec.shape),
+                       sampler={"n_steps_each": spec.n_steps_each, "step_lr": spec.step_lr,
+                                "denoise": spec.denoise}, perf=perf)
     return model.to(device)
 
 
@@ -160,28 +231,38 @@ def bench_train(model: ScoreModel, shape: tuple[int, ...], batch: int, steps: in
             "fused_optimizer": bool(optimizer.defaults.get("fused"))}
 
 
-def bench_sample(model: ScoreModel, shape: tuple[int, ...], batch: int, steps: int, device: torch.device,
+def bench_sample(model: ScoreModel, spec: NetSpec, batch: int, per_level: int, device: torch.device,
                  baseline: bool) -> dict:
+    """Time one sampling run over the model's σ levels (the timed subset of ``spec``'s schedule, see
+    ``NetSpec.timed_schedule``), ``per_level`` steps each (+ the denoising step), after a warm-up run, and
+    extrapolate to ``spec.evals_per_image`` evaluations per image."""
     model.eval()
-    per_level = max(1, steps // NUM_SCALES)
-    n_steps = per_level * NUM_SCALES
+    n_steps = per_level * model.num_scales
+    n_evals = n_steps + int(spec.denoise)
     sigmas = [float(s) for s in model.sigmas.cpu()]
 
     if baseline:
-        x0 = torch.rand(batch, *shape, device=device)
+        x0 = torch.rand(batch, *spec.shape, device=device)
+        score = score_function(model.net, model.sigmas)
 
-        def run() -> None:
-            official_annealed_langevin(model.net, x0, sigmas, per_level, STEP_LR)
+        def run(levels: list[float] = sigmas) -> None:
+            official_annealed_langevin(score, x0, levels, per_level, spec.step_lr, denoise=spec.denoise)
+
+        warmup = functools.partial(run, sigmas[:1])  # cudnn autotuning needs one level only
     else:
         def run() -> None:
-            model.sample(batch, n_steps_each=per_level)
+            model.sample(batch, n_steps_each=per_level, step_lr=spec.step_lr, denoise=spec.denoise)
+
+        warmup = run  # the whole run: compile, cudnn autotuning, CUDA-graph capture of each chunk
 
     reset_memory(device)
-    warm = timed(run, device, 1)  # compile, cudnn autotuning, CUDA-graph capture
+    warm = timed(warmup, device, 1)
     seconds = timed(run, device, 1)
-    per_step = seconds / n_steps
-    return {"images_per_s": batch / (per_step * PAPER_STEPS), "measured_steps": n_steps,
-            "measured_s": seconds, "warmup_s": warm, "peak_mib": peak_memory_mib(device)}
+    per_eval = seconds / n_evals
+    return {"images_per_s": batch / (per_eval * spec.evals_per_image), "measured_steps": n_steps,
+            "measured_evals": n_evals, "measured_levels": model.num_scales, "steps_per_level": per_level,
+            "extrapolated_to_evals": spec.evals_per_image, "measured_s": seconds, "warmup_s": warm,
+            "peak_mib": peak_memory_mib(device)}
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -189,14 +270,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: ngf 8, batch 4, few steps")
-    p.add_argument("--nets", default="cifar10,mnist", help="comma list of: " + ", ".join(NETS))
+    p.add_argument("--nets", default=",".join(NETS), help="comma list of: " + ", ".join(NETS) + " (default all)")
+    p.add_argument("--tasks", default=",".join(TASKS), help="comma list of: train, sample (default both)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--train-batch", type=int, default=None, help="default 128 (tiny: 4)")
     p.add_argument("--train-steps", type=int, default=None, help="timed training steps (default 20; tiny: 2)")
     p.add_argument("--train-warmup", type=int, default=None, help="warm-up steps (default 5; tiny: 1)")
-    p.add_argument("--sample-batches", default=None, help="comma list (default 100,1000; tiny: 4,8)")
+    p.add_argument("--sample-batches", default=None,
+                   help="comma list for every net (default 100,1000; cifar10_ncsnv2: 1000; tiny: 4,8)")
     p.add_argument("--sample-steps", type=int, default=None,
-                   help="Langevin steps timed, spread over the 10 levels (default 50; tiny: 10)")
+                   help="Langevin steps timed (default 50; tiny: 10), see NetSpec.timed_schedule")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak for MFU (default 989 = H100 SXM dense bf16 on CUDA; none on the CPU)")
     p.add_argument("--compile", dest="compile", action="store_true", default=None, help="torch.compile on")
@@ -225,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     train_batch = args.train_batch or (4 if tiny else 128)
     train_steps = args.train_steps or (2 if tiny else 20)
     train_warmup = args.train_warmup or (1 if tiny else 5)
-    sample_batches = [int(b) for b in (args.sample_batches or ("4,8" if tiny else "100,1000")).split(",")]
+    sample_batches = args.sample_batches or ("4,8" if tiny else None)  # None: each net's own
     sample_steps = args.sample_steps or (10 if tiny else 50)
     peak_tflops = args.peak_tflops if args.peak_tflops is not None else (989.0 if device.type == "cuda" else None)
     use_compile = args.compile if args.compile is not None else not tiny
@@ -240,37 +323,52 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown net(s) {', '.join(unknown)}; choose from {', '.join(NETS)}", file=sys.stderr)
         return 2
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks or any(t not in TASKS for t in tasks):
+        print(f"error: --tasks must be a comma list of {', '.join(TASKS)} (got '{args.tasks}')", file=sys.stderr)
+        return 2
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"# ncsn speed benchmark{' (--tiny: CPU smoke sizes, not a GPU measurement)' if tiny else ''}")
     print(f"device: {device} ({device_name}); torch {torch.__version__}; threads {torch.get_num_threads()}")
     print(f"fast path: {perf.describe()}")
-    print(f"sampling: {sample_steps} steps timed, extrapolated to {PAPER_STEPS} steps/image "
-          f"(T=100 x L={NUM_SCALES}); MFU against {peak_tflops or 'n/a'} TFLOP/s (bf16 peak)")
+    evals = {name: NETS[name].evals_per_image for name in names}
+    print(f"sampling: about {sample_steps} steps timed, extrapolated to the evaluations per image of each net's "
+          f"sampler ({', '.join(f'{n} {e:,}' for n, e in evals.items())}); MFU against {peak_tflops or 'n/a'} "
+          "TFLOP/s (bf16 peak)")
     print()
 
-    records = []
+    meta = {"device": str(device), "device_name": device_name, "torch": torch.__version__, "tiny": tiny,
+            "perf": dataclasses.asdict(perf), "sample_steps_timed": sample_steps, "evals_per_image": evals,
+            "peak_tflops": peak_tflops, "threads": torch.get_num_threads(), "tasks": tasks}
+    records: list[dict[str, Any]] = []
     for name in names:
-        channels, size, ngf = NETS[name]
-        if tiny:
-            ngf = 8
-        shape = (channels, size, size)
+        spec = NETS[name]
+        ngf = 8 if tiny else spec.ngf
+        shape = spec.shape
         torch.manual_seed(0)
-        net = NCSN(in_channels=channels, image_size=size, ngf=ngf, num_scales=NUM_SCALES)
-        train_flops = flops_per_image(net, shape, device, train=True)
-        sample_flops = flops_per_image(net, shape, device, train=False)
-        tasks = [("train", train_batch, train_flops)] + [("sample", b, sample_flops) for b in sample_batches]
-        for task, batch, flops in tasks:
+        net = spec.build(ngf)
+        timed_sigmas, per_level = spec.timed_schedule(sample_steps)
+        batches = [int(b) for b in sample_batches.split(",")] if sample_batches else list(spec.sample_batches)
+        todo: list[tuple[str, int, float]] = []
+        if "train" in tasks:
+            todo.append(("train", train_batch, flops_per_image(net, shape, device, train=True)))
+        if "sample" in tasks:
+            sample_flops = flops_per_image(net, shape, device, train=False)
+            todo += [("sample", b, sample_flops) for b in batches]
+        for task, batch, flops in todo:
             row: dict[str, Any] = {"net": name, "ngf": ngf, "shape": list(shape), "task": task, "batch": batch,
                                    "flops_per_image": flops}
             for path in ("baseline", "fast"):
-                model = make_model(net, shape, None if path == "baseline" else perf, device)
+                path_perf = None if path == "baseline" else perf
                 if task == "train":
+                    model = make_model(spec, net, path_perf, device)
                     result = bench_train(model, shape, batch, train_steps, train_warmup, device, path == "baseline")
                 else:
-                    result = bench_sample(model, shape, batch, sample_steps, device, path == "baseline")
+                    model = make_model(spec, net, path_perf, device, sigmas=timed_sigmas)
+                    result = bench_sample(model, spec, batch, per_level, device, path == "baseline")
                 rate = result["images_per_s"]
-                per_image_flops = flops * (PAPER_STEPS if task == "sample" else 1)
+                per_image_flops = flops * (spec.evals_per_image if task == "sample" else 1)
                 result["mfu"] = rate * per_image_flops / (peak_tflops * 1e12) if peak_tflops else None
                 row[path] = result
                 del model
@@ -278,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
             records.append(row)
             print(f"  measured {name} {task}@{batch}: baseline {fmt_rate(row['baseline']['images_per_s'])} img/s, "
                   f"fast {fmt_rate(row['fast']['images_per_s'])} img/s", file=sys.stderr, flush=True)
+            if args.json:  # after every row: a run cut short keeps what it measured
+                write_json(args.json, meta, records)
 
     mem_label = "peak MiB" if device.type == "cuda" else "peak RSS MiB (process)"
     print(f"| net | task | batch | baseline img/s | fast img/s | fast/baseline | {mem_label} base | "
@@ -290,20 +390,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['net']} (ngf {r['ngf']}) | {task} | {r['batch']} | {fmt_rate(b['images_per_s'])} | "
               f"{fmt_rate(f['images_per_s'])} | {r['ratio']:.2f}x | {b['peak_mib']:,.0f} | {f['peak_mib']:,.0f} | "
               f"{mfu[0]} | {mfu[1]} | {f['warmup_s']:.1f} |")
-    print(f"\n*sampling rates: {sample_steps} steps timed, extrapolated to {PAPER_STEPS} network evaluations per "
-          "image (the paper's T=100 x L=10).\n")
+    print(f"\n*sampling rates: about {sample_steps} steps timed, extrapolated to the network evaluations per image "
+          "of each net's sampler: " + "; ".join(
+              f"{n} {NETS[n].evals_per_image:,} (L {NETS[n].num_scales} x T {NETS[n].n_steps_each}"
+              + (" + 1 denoising step)" if NETS[n].denoise else ")") for n in names) + ".\n")
     for r in records:
         print(f"ratio fast/baseline {r['net']} {r['task']}@{r['batch']}: {r['ratio']:.2f}x")
 
     if args.json:
-        meta = {"device": str(device), "device_name": device_name, "torch": torch.__version__, "tiny": tiny,
-                "perf": dataclasses.asdict(perf), "sample_steps_timed": sample_steps,
-                "extrapolated_to_steps": PAPER_STEPS, "peak_tflops": peak_tflops,
-                "threads": torch.get_num_threads()}
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": records}, f, indent=2)
+        write_json(args.json, meta, records)
         print(f"\nwrote {args.json}")
     return 0
+
+
+def write_json(path: str, meta: dict, records: list[dict]) -> None:
+    """Write ``{"meta": ..., "results": [...]}`` atomically (a ``.part`` file renamed over ``path``)."""
+    tmp = f"{path}.part"
+    with open(tmp, "w") as f:
+        json.dump({"meta": meta, "results": records}, f, indent=2)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

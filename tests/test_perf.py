@@ -3,9 +3,11 @@ ones (graph capture, compile, fused Adam, the sync-free non-finite check) are sk
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -27,6 +29,7 @@ from ncsn.nets import NCSN, ConditionalInstanceNorm2dPlus, NCSNv2, ToyScoreMLP, 
 from ncsn.perf import (
     FastForward,
     PerfSettings,
+    enable_compile_cache,
     fill_noise,
     fp32_norms,
     graphed_annealed_langevin,
@@ -380,8 +383,141 @@ def test_bench_tiny_full_run(tmp_path):  # what `make bench-cpu` runs: ~40-80 s 
     start = time.time()
     result = run_bench()
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert sum(line.startswith("ratio fast/baseline") for line in result.stdout.splitlines()) == 6
+    assert sum(line.startswith("ratio fast/baseline") for line in result.stdout.splitlines()) == 9  # 3 nets x 3
     print(f"bench --tiny took {time.time() - start:.0f} s")
+
+
+def _speed_module():
+    import importlib.util
+
+    if "ncsn_bench_speed" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("ncsn_bench_speed", ROOT / "bench" / "speed.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules["ncsn_bench_speed"]
+
+
+def test_bench_net_specs_follow_the_official_samplers():
+    speed = _speed_module()
+    assert set(speed.NETS) == {"cifar10", "mnist", "cifar10_ncsnv2"}
+    v2 = speed.NETS["cifar10_ncsnv2"]
+    assert (v2.net_class, v2.shape, v2.ngf, v2.num_scales, v2.n_steps_each, v2.step_lr, v2.denoise) == (
+        NCSNv2, (3, 32, 32), 128, 232, 5, 6.2e-6, True)
+    assert v2.evals_per_image == 232 * 5 + 1 == 1161
+    assert [speed.NETS[n].evals_per_image for n in ("cifar10", "mnist")] == [1000, 1000]
+    sigmas = v2.sigmas()
+    assert sigmas[0].item() == pytest.approx(50.0) and sigmas[-1].item() == pytest.approx(0.01)
+    # 50 steps timed: NCSNv2 keeps T = 5 at 10 levels spread over its 232, the first and the last included
+    timed, per_level = v2.timed_schedule(50)
+    assert per_level == 5 and len(timed) == 10
+    assert timed[0].item() == pytest.approx(50.0) and timed[-1].item() == pytest.approx(0.01)
+    assert torch.all(timed[1:] < timed[:-1])
+    # the paper networks: 5 steps at each of their 10 levels (as before the NCSNv2 rows existed)
+    timed, per_level = speed.NETS["cifar10"].timed_schedule(50)
+    assert per_level == 5 and torch.equal(timed, speed.NETS["cifar10"].sigmas())
+
+
+def test_bench_tiny_runs_all_three_nets_and_extrapolates_ncsnv2_to_1161_evaluations(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_bench("--sample-batches", "4", "--json", str(out))  # default --nets: all three
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["meta"]["evals_per_image"] == {"cifar10": 1000, "mnist": 1000, "cifar10_ncsnv2": 1161}
+    rows = {(r["net"], r["task"], r["batch"]): r for r in data["results"]}
+    assert set(rows) == {(n, t, b) for n in ("cifar10", "mnist", "cifar10_ncsnv2")
+                         for t, b in (("train", 4), ("sample", 4))}
+    sample = rows["cifar10_ncsnv2", "sample", 4]
+    for path in ("baseline", "fast"):
+        r = sample[path]
+        # --tiny: 10 steps timed = T 5 at 2 of the 232 levels, + the denoising step
+        assert (r["measured_levels"], r["steps_per_level"], r["measured_evals"]) == (2, 5, 11)
+        assert r["extrapolated_to_evals"] == 1161
+        assert r["images_per_s"] == pytest.approx(4 / (r["measured_s"] / 11 * 1161))
+    assert sample["ratio"] == pytest.approx(sample["fast"]["images_per_s"] / sample["baseline"]["images_per_s"])
+    assert rows["cifar10", "sample", 4]["fast"]["extrapolated_to_evals"] == 1000
+    assert rows["cifar10_ncsnv2", "train", 4]["baseline"]["images_per_s"] > 0
+    assert "ratio fast/baseline cifar10_ncsnv2 sample@4" in result.stdout
+
+
+def test_profile_step_tiny_prints_both_kernel_groups(tmp_path):
+    out = tmp_path / "profile.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "profile_step.py"), "--tiny", "--json", str(out)],
+                            check=False, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    for group in ("convolution", "other", "total"):
+        assert sum(line.startswith(f"| {group} |") for line in lines) == 2  # batches 4 and 8
+    assert sum(line.startswith("top 15 non-convolution kernels") for line in lines) == 2
+    results = json.loads(out.read_text())["results"]
+    assert [r["batch"] for r in results] == [4, 8]
+    for r in results:
+        assert r["ms_per_step"]["convolution"] > 0 and r["ms_per_step"]["other"] > 0
+        assert r["total_ms_per_step"] == pytest.approx(sum(r["ms_per_step"].values()))
+        assert 0 < len(r["top_other"]) <= 15
+        assert all("conv" not in k["name"].lower() for k in r["top_other"])
+
+
+# ---------------------------------------------------------------------------------------------- compile cache
+@pytest.fixture
+def clean_compile_cache_env(monkeypatch, tmp_path):
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    # torch's config modules: patch() restores them (monkeypatch.setattr's undo would delete the setting)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(inductor_config.patch(fx_graph_cache=False))
+        if hasattr(functorch_config, "enable_autograd_cache"):
+            stack.enter_context(functorch_config.patch(enable_autograd_cache=False))
+        yield inductor_config, functorch_config
+
+
+def test_compile_cache_takes_torchs_own_default_dir_as_unset(clean_compile_cache_env, tmp_path, monkeypatch):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what importing inductor's config writes
+    assert enable_compile_cache()["cache_dir"] == str((tmp_path / "xdg" / "ncsn" / "inductor").resolve())
+
+
+def test_compile_cache_defaults_to_a_persistent_user_dir_and_turns_the_caches_on(clean_compile_cache_env, tmp_path):
+    inductor_config, functorch_config = clean_compile_cache_env
+    settings = enable_compile_cache()
+    expected = tmp_path / "xdg" / "ncsn" / "inductor"
+    assert expected.is_dir()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == settings["cache_dir"] == str(expected.resolve())
+    assert inductor_config.fx_graph_cache is True and settings["fx_graph_cache"] is True
+    if hasattr(functorch_config, "enable_autograd_cache"):
+        assert functorch_config.enable_autograd_cache is True and settings["autograd_cache"] is True
+    assert enable_compile_cache() == settings  # idempotent
+
+
+def test_compile_cache_respects_torchinductor_cache_dir(clean_compile_cache_env, tmp_path, monkeypatch):
+    inductor_config, _ = clean_compile_cache_env
+    mine = tmp_path / "mine"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(mine))
+    settings = enable_compile_cache(tmp_path / "other")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == settings["cache_dir"] == str(mine)
+    assert not (tmp_path / "other").exists() and not (tmp_path / "xdg").exists()
+    assert inductor_config.fx_graph_cache is True  # the caches still go on, in the user's dir
+
+
+def test_compile_cache_respects_a_user_switch_for_the_fx_graph_cache(clean_compile_cache_env, monkeypatch):
+    inductor_config, _ = clean_compile_cache_env
+    monkeypatch.setenv("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
+    assert enable_compile_cache()["fx_graph_cache"] is False
+    assert inductor_config.fx_graph_cache is False
+
+
+def test_fast_forward_turns_the_compile_cache_on_only_when_it_compiles(clean_compile_cache_env, tmp_path):
+    net = ToyScoreMLP()
+    FastForward(net, PerfSettings(enabled=True, compile=False).resolve("cpu"), "cpu")
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    FastForward(net, PerfSettings(enabled=True, compile=True).resolve("cpu"), "cpu")  # compiles lazily: not here
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((tmp_path / "xdg" / "ncsn" / "inductor").resolve())
 
 
 # ---------------------------------------------------------------------------------------------- GPU only

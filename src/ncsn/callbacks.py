@@ -143,12 +143,17 @@ class MetricsFileCallback(L.Callback):
     the last value of every logged metric, the global step, and the training speed. Sweep reports read it.
 
     ``train_seconds`` counts training only: the steps with their data loading, logging and EMA updates, not
-    validation, checkpoint saves or sample grids; ``images_per_second`` is the images trained divided by it.
+    validation, checkpoint saves or sample grids, and not the first step of this fit; ``images_per_second`` is
+    the images of the steps counted divided by it (None when no step after the first ran).
+    ``first_step_seconds`` is the first training step of this fit alone (batch start to batch end, its GPU
+    work included): with the fast path on it holds the ``torch.compile`` of the training step (and cuDNN
+    autotuning), which would otherwise be spread over the rate. It is also logged once (INFO, ``ncsn``).
     ``wall_seconds`` is the whole time from the start of training to the end of fit.
 
-    The timing adds no host/GPU sync at a step (only one at the start of each validation and one at the end of
-    training): time is cut at this callback's hooks into segments, and a segment in which a checkpoint was
-    saved or a sample grid was made is left out whole (and with it at most one step's own time)."""
+    The timing adds no host/GPU sync at a step (only one after the first step, one at the start of each
+    validation and one at the end of training): time is cut at this callback's hooks into segments, and a
+    segment in which a checkpoint was saved or a sample grid was made is left out whole (and with it at most
+    one step's own time)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -160,6 +165,8 @@ class MetricsFileCallback(L.Callback):
         self._saved = False  # a checkpoint was saved in this segment
         self._grids: tuple = ()  # the sample-grid callbacks' last grid steps when this segment started
         self._in_validation = False
+        self._first_step_seconds: float | None = None
+        self._first_step_done = False
 
     @staticmethod
     def _grid_steps(trainer) -> tuple:
@@ -191,6 +198,8 @@ class MetricsFileCallback(L.Callback):
         self._start_step = trainer.global_step
         self._samples = 0
         self._train_seconds = 0.0
+        self._first_step_seconds = None
+        self._first_step_done = False
         self._mark = None
         self._next_segment(trainer)
 
@@ -198,9 +207,29 @@ class MetricsFileCallback(L.Callback):
         self._next_segment(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._first_step_done:
+            self._end_first_step(trainer, pl_module)
+            return
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         self._samples += int(x.shape[0]) * trainer.world_size
         self._next_segment(trainer)
+
+    def _end_first_step(self, trainer, pl_module) -> None:
+        """The first step of this fit is timed on its own (one sync, so its GPU work is in it) and left out."""
+        import logging
+        import time
+
+        self._first_step_done = True
+        if self._mark is None:
+            return
+        self._sync(pl_module.device)
+        self._first_step_seconds = time.perf_counter() - self._mark
+        self._mark = None  # the first step's segment is not counted ...
+        self._next_segment(trainer)  # ... and the next one starts now
+        if trainer.is_global_zero:
+            logging.getLogger("ncsn").info(
+                "first training step took %.2f s (includes torch.compile / CUDA-graph capture when the fast path "
+                "is on)", self._first_step_seconds)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         self._saved = True
@@ -239,6 +268,8 @@ class MetricsFileCallback(L.Callback):
             "train_seconds": elapsed,
             "wall_seconds": wall,
             "train_steps": trainer.global_step - self._start_step,
+            # the first step of this fit (compile, autotuning), not part of train_seconds / images_per_second
+            "first_step_seconds": self._first_step_seconds,
             "images_per_second": self._samples / elapsed if elapsed and elapsed > 0 else None,
             "metrics": metrics,
             # the network-collapse warnings of the run (ncsn.diagnostics.collapse_warning), [] when healthy

@@ -10,7 +10,8 @@ GPU, as plain functions and small classes over a score network (no Lightning, no
   cast back to fp32, so the DSM loss (``ncsn.losses``) and the Langevin state ``x`` stay fp32.
 * **channels_last** weights and inputs (NHWC convolutions on tensor cores).
 * **torch.compile** of the score network's forward (``dynamic=False``: fixed shapes, one specialisation
-  per batch size).
+  per batch size), with inductor's on-disk caches on (:func:`enable_compile_cache`): a second identical run
+  reuses the compiled kernels instead of compiling again.
 * **fused Adam** (``fused=True``) when the optimizer factory accepts it and the parameters are on CUDA.
 * **CUDA graphs for sampling** (:func:`graphed_annealed_langevin`): ``steps_per_graph`` Langevin steps are
   captured once (static ``x``, level, step-size and noise buffers) and replayed, so the 1,000 steps of the
@@ -29,9 +30,11 @@ import dataclasses
 import functools
 import inspect
 import logging
+import os
 import types
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -243,6 +246,63 @@ def prepare_net(net: nn.Module, settings: PerfSettings) -> nn.Module:
     return net
 
 
+def default_compile_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/ncsn/inductor`` (``~/.cache/ncsn/inductor`` when XDG_CACHE_HOME is unset)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ncsn" / "inductor"
+
+
+def _user_inductor_cache_dir() -> str | None:
+    """``TORCHINDUCTOR_CACHE_DIR`` unless unset, empty or torch's own default (which torch sets itself)."""
+    value = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not value:
+        return None
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # another torch layout: take any value as the user's
+        return value
+    return None if os.path.abspath(value) == os.path.abspath(default_cache_dir()) else value
+
+
+def enable_compile_cache(cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Turn on inductor's persistent caches so that a second identical run reuses the compiled kernels.
+
+    * ``torch._inductor.config.fx_graph_cache`` (compiled FX graphs, with their Triton kernels) and
+      ``torch._functorch.config.enable_autograd_cache`` (AOTAutograd's forward/backward split) are set to True
+      where this torch has them, unless the user chose otherwise with ``TORCHINDUCTOR_FX_GRAPH_CACHE`` /
+      ``TORCHINDUCTOR_AUTOGRAD_CACHE`` (torch reads those itself).
+    * ``TORCHINDUCTOR_CACHE_DIR`` (where both caches and the Triton kernels live), unless the user set it, is
+      pointed at ``cache_dir`` (default :func:`default_compile_cache_dir`), created if missing. torch's own
+      default is ``/tmp/torchinductor_$USER``, which many machines empty on reboot; importing
+      ``torch._inductor.config`` writes that default into the environment, so a value equal to it counts as
+      not set by the user. Any other value is kept.
+
+    Call it before the first compile of the process (torch reads the directory when it compiles). Idempotent;
+    returns what applies: ``{"cache_dir", "fx_graph_cache", "autograd_cache"}`` (None where torch lacks it).
+    """
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    if not _user_inductor_cache_dir():
+        path = Path(cache_dir) if cache_dir is not None else default_compile_cache_dir()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path.resolve())
+        except OSError as exc:  # read-only home and the like: keep torch's default
+            log.warning("perf: cannot create the compile cache dir %s (%s); using torch's default", path, exc)
+    settings: dict[str, Any] = {"cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
+    for key, module, name, env in (("fx_graph_cache", inductor_config, "fx_graph_cache", "TORCHINDUCTOR_FX_GRAPH_CACHE"),
+                                   ("autograd_cache", functorch_config, "enable_autograd_cache",
+                                    "TORCHINDUCTOR_AUTOGRAD_CACHE")):
+        if not hasattr(module, name):
+            settings[key] = None
+            continue
+        if os.environ.get(env) is None:
+            setattr(module, name, True)
+        settings[key] = bool(getattr(module, name))
+    return settings
+
+
 def _raise_recompile_limit(limit: int = 64) -> None:
     import torch._dynamo.config as dynamo_config
 
@@ -262,6 +322,8 @@ class FastForward:
         self.divide_by_sigma = bool(getattr(net, "divide_by_sigma", False))
         if settings.compile:
             _raise_recompile_limit()
+            if settings.compile_backend == "inductor":
+                enable_compile_cache()
             kwargs: dict[str, Any] = {"dynamic": False, "backend": settings.compile_backend}
             if settings.compile_backend == "inductor":
                 kwargs["mode"] = settings.compile_mode
