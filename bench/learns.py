@@ -31,6 +31,15 @@ def compose(overrides: list[str]):
         return hydra_compose("train", overrides=["paths.output_dir=/tmp/unused", *overrides])
 
 
+def recipe_key(overrides: list[str]) -> str:
+    """What ``probe`` depends on, resolved: the model config (network, width, σ list, optimizer, LR schedule)
+    and the gradient clipping. Two experiments with the same key train identically here."""
+    from omegaconf import OmegaConf
+
+    cfg = compose(overrides)
+    return OmegaConf.to_yaml(cfg.model, resolve=True) + f"clip: {cfg.trainer.get('gradient_clip_val')}"
+
+
 def digits_like(shape: tuple[int, ...], data_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, held-out) real bundled digits in the model range, shaped [N, *shape] (padded / repeated)."""
     from ncsn.data import ImageDataModule
