@@ -50,7 +50,10 @@ def test_train_py_without_experiment_runs_the_cpu_recipe_here(tmp_path):
 
 # The CPU recipe shortened to SHORT_STEPS steps (a step count, not the recipe's wall-clock limit, so the result
 # does not depend on how busy the machine is): seeded on the CPU, the same steps give the same network up to
-# thread-order rounding. Measured: see conf/experiment/cpu.yaml and the README.
+# thread-order rounding. What it checks is robust on a busy shared machine: the held-out loss against the
+# zero-output loss (0.139 measured, bound 0.2; a collapsed or untrained network sits at 1.0) and the share of
+# degenerate samples from a fixed seed (4.7 % measured, bound 25 %; an untrained network gives 100 %), not
+# timings or the Fréchet distance of 64 samples (too noisy at this count).
 SHORT_STEPS = 400
 
 
@@ -67,7 +70,7 @@ def test_cpu_recipe_shortened_learns_and_its_samples_are_not_degenerate(tmp_path
     assert record["global_step"] == SHORT_STEPS
     assert record["warnings"] == []
     m = record["metrics"]
-    assert m["val/loss_to_zero_output"] < 0.2, m  # measured 0.11-0.12 at 400 steps
+    assert m["val/loss_to_zero_output"] < 0.2, m  # measured 0.139 at 400 steps (output mean square 0.84)
     assert m["val/output_ms"] > 0.3, m
 
     out = tmp_path / "samples"
@@ -79,4 +82,4 @@ def test_cpu_recipe_shortened_learns_and_its_samples_are_not_degenerate(tmp_path
         samples = f["samples"]
     assert samples.shape == (64, 28, 28, 1)
     degenerate = float(degenerate_mask(samples).mean())
-    assert degenerate < 0.25, f"{degenerate:.0%} of 64 samples are degenerate"
+    assert degenerate < 0.25, f"{degenerate:.0%} of 64 samples are degenerate"  # measured 4.7 % (3 of 64)
