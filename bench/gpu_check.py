@@ -110,8 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--sample-batch-size", type=int, default=1000)
     p.add_argument("--experiment", default=EXPERIMENT)
-    p.add_argument("extra", nargs="*", help="extra train.py overrides (after --)")
-    args = p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []  # extra train.py overrides after --
+    args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    args.extra = extra
     out = Path(args.out).resolve()
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"error: {out} is not empty; give a new folder")
