@@ -5,12 +5,5 @@
 #   bash bench/gpu_check.sh OUT_DIR [--budget-seconds 300] [--num-samples 1000] [-- extra train.py overrides]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-WHEELS=${NCSN_GPU_WHEELS:-../shared/wheels-gpu-py312}
-SITE=/tmp/ncsn-site
-if ! "$PY" -c "import hydra, omegaconf, wandb, mlxtend" 2>/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
-  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+source bench/gpu_env.sh  # PY, PYTHONPATH (installs the wheels where needed)
 exec "$PY" bench/gpu_check.py "$@"

@@ -29,14 +29,7 @@ cd "$(dirname "$0")/.."
 OUT=${1:?usage: bash bench/gpu_speed.sh OUT_DIR [BUDGET_SECONDS]}
 BUDGET=${2:-${NCSN_SPEED_BUDGET_S:-450}}
 mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-WHEELS=${NCSN_GPU_WHEELS:-../shared/wheels-gpu-py312}
-SITE=/tmp/ncsn-site
-if ! "$PY" -c "import hydra, omegaconf, wandb, mlxtend" 2>/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
-  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+source bench/gpu_env.sh  # PY, PYTHONPATH (installs the wheels where needed)
 read -r -a SPEED_EXTRA <<< "${NCSN_SPEED_EXTRA:-}"      # appended to every speed.py command (last one wins)
 read -r -a PROFILE_EXTRA <<< "${NCSN_PROFILE_EXTRA:-}"
 
