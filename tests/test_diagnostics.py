@@ -56,7 +56,7 @@ def test_grad_norm_is_the_global_two_norm():
 
 def test_a_run_that_learns_nothing_says_so_in_the_log_metrics_json_and_the_sweep_report(tmp_path):
     sweep = tmp_path / "sweep"
-    result = run_entry("train.py", "-m", *TINY, "model.optimizer.lr=0,1e-3", "model.collapse_check_after=0",
+    result = run_entry("train.py", "-m", *TINY, "model.optimizer.lr=0", "model.collapse_check_after=0",
                        "logger=csv", "callbacks.ema=null", f"hydra.sweep.dir={sweep}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     frozen = json.loads((sweep / "0" / "metrics.json").read_text())
