@@ -6,6 +6,7 @@ import pickle
 import struct
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 from PIL import Image
 
@@ -73,3 +74,36 @@ def write_celeba(root: Path, partitions: list[int], seed: int = 2) -> Path:
         "".join(f"{i:06d}.jpg {p}\n" for i, p in enumerate(partitions, 1))
     )
     return folder
+
+
+
+class WeightsProbe(L.Callback):
+    """A callback (``+callbacks.probe={_target_:fakes.WeightsProbe,out_dir:DIR}``, with tests/ on PYTHONPATH)
+    that writes, on every rank, the module's and the EMA average's weights at the start of training (after a
+    resume's restore) and at its end: ``DIR/{start,end}_rank{R}.pt`` = {"module", "average" (or None), "step"}.
+    A module-level class: ``ddp_spawn`` pickles the callbacks."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def _dump(self, trainer, pl_module, when: str) -> None:
+        import os
+
+        import torch
+        from lightning.pytorch.callbacks import WeightAveraging
+
+        def copy(state):
+            return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+        ema = [c for c in trainer.callbacks if isinstance(c, WeightAveraging)]
+        average = ema[0]._average_model.module.state_dict() if ema else None
+        state = {"module": copy(pl_module.state_dict()), "average": None if average is None else copy(average),
+                 "step": trainer.global_step}
+        os.makedirs(self.out_dir, exist_ok=True)
+        torch.save(state, os.path.join(self.out_dir, f"{when}_rank{trainer.global_rank}.pt"))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._dump(trainer, pl_module, "start")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._dump(trainer, pl_module, "end")

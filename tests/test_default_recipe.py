@@ -36,6 +36,19 @@ def test_an_explicit_experiment_always_wins(given):
         assert argv == ["-m", given] and line is None
 
 
+@pytest.mark.parametrize("cpu_arg", ["trainer=cpu", "trainer.accelerator=cpu"])
+def test_a_gpu_machine_told_to_train_on_the_cpu_gets_the_cpu_recipe(cpu_arg):
+    argv, line = choose_experiment([cpu_arg], cuda_available=True, gpu_name="NVIDIA H100")
+    assert argv == [cpu_arg, f"experiment={CPU_EXPERIMENT}"]
+    assert f"{cpu_arg} puts training on the CPU: running experiment={CPU_EXPERIMENT}" in line
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_removing_the_experiment_runs_without_one_and_says_nothing_else(cuda):
+    argv, line = choose_experiment(["~experiment"], cuda_available=cuda)
+    assert argv == ["~experiment"] and line is None
+
+
 def test_train_py_without_experiment_runs_the_cpu_recipe_here(tmp_path):
     run_dir = tmp_path / "run"
     result = run_entry("train.py", "debug=fast_dev_run", "logger=none", "callbacks.progress_bar=null",

@@ -70,3 +70,27 @@ def test_a_run_that_learns_nothing_says_so_in_the_log_metrics_json_and_the_sweep
     make_report(sweep)
     report = (sweep / "report.md").read_text()
     assert "collapsed: " in report and "zero-output loss" in report
+
+
+# The CPU recipe with its EMA from step 0: after 120 steps the raw weights have learned (ratio 0.2 measured) while
+# a 0.995 average is still about half the initial network. The check judges the trained weights: no warning.
+# Driven to collapse with lr = 0.1 (1 gives NaN within 13 steps; 0.1: loss 101 % of the zero-output loss), the run is flagged at the first check after it happens.
+HEALTH_RUN = ["experiment=cpu", "trainer.max_time=null", "trainer.max_steps=120", "trainer.val_check_interval=120",
+              "trainer.limit_val_batches=2", "callbacks.ema.update_starting_at_step=0", "callbacks.sample_grid=null",
+              "callbacks.progress_bar=null", "logger=csv"]
+
+
+def test_a_healthy_run_with_ema_from_step_zero_is_not_flagged_and_a_collapsed_one_is(tmp_path):
+    healthy = tmp_path / "healthy"
+    result = run_entry("train.py", *HEALTH_RUN, f"hydra.run.dir={healthy}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    record = json.loads((healthy / "metrics.json").read_text())
+    assert record["warnings"] == [] and record["metrics"]["val/collapsed"] == 0.0
+    assert record["metrics"]["val/loss_to_zero_output"] < 0.5, record["metrics"]
+    assert record["metrics"]["val_ema/loss"] > record["metrics"]["val/loss"]  # the average lags behind
+
+    collapsed = tmp_path / "collapsed"
+    result = run_entry("train.py", *HEALTH_RUN, "model.optimizer.lr=0.1", f"hydra.run.dir={collapsed}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    record = json.loads((collapsed / "metrics.json").read_text())
+    assert record["metrics"]["val/collapsed"] == 1.0 and "step 120" in record["warnings"][0]

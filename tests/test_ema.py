@@ -3,7 +3,7 @@ raw weights for validation, the sample grid and checkpoints before the EMA start
 
 Three tiny real runs of 3 steps, same seed: EMA off, EMA on (decay 0.9, from the first step) and EMA starting
 at step 1000 (never, here). 3 steps with checkpoints every 2 means last.ckpt is written after fit ends (by
-ncsn.training.save_final_last_checkpoint), i.e. after the callbacks' on_train_end.
+ncsn.training.FinalLastCheckpoint, the last callback), i.e. after the other callbacks' on_train_end.
 """
 
 from __future__ import annotations
@@ -152,3 +152,77 @@ def test_before_the_ema_starts_validation_grid_and_checkpoints_use_raw_weights(l
     assert late_metrics == off_metrics
     grid = "samples/step_0000003.png"
     assert (late_run / grid).read_bytes() == (off_run / grid).read_bytes()
+
+
+def train_in_process(monkeypatch, out_dir: Path, overrides: list[str], *extra_callbacks: L.Callback) -> None:
+    """``ncsn.training.train`` with extra callbacks appended to the trainer's."""
+    build = training.build
+
+    def build_with(cfg):
+        objects = build(cfg)
+        objects["trainer"].callbacks.extend(extra_callbacks)
+        return objects
+
+    monkeypatch.setattr(training, "build", build_with)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*TINY, "logger=none", *overrides, f"paths.output_dir={out_dir}"])
+    training.train(cfg)
+
+
+class StartProbe(L.Callback):
+    """The module's weights when training (re)starts, after a resume's restore."""
+
+    def __init__(self) -> None:
+        self.module: dict | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.module = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+def test_a_checkpoint_saved_inside_validation_equals_one_saved_after_it_and_resumes_raw(tmp_path, monkeypatch):
+    """A SIGUSR1 pre-emption save can come at any moment, mid-validation included: it must hold the same weights
+    in the same places as a save just outside validation, and a run resumed from it trains on the raw weights."""
+
+    class SaveInAndAfterValidation(L.Callback):
+        def __init__(self) -> None:
+            self.raw: dict | None = None
+
+        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+            if batch_idx == 0 and not trainer.sanity_checking and trainer.global_step == 2:
+                trainer.save_checkpoint(str(tmp_path / "mid.ckpt"))
+
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking and trainer.global_step == 2:
+                trainer.save_checkpoint(str(tmp_path / "after.ckpt"))
+                self.raw = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+    saver = SaveInAndAfterValidation()
+    train_in_process(monkeypatch, tmp_path / "run", [EMA_ON, "trainer.max_steps=3"], saver)
+    mid, after = load(tmp_path / "mid.ckpt"), load(tmp_path / "after.ckpt")
+    assert mid["global_step"] == after["global_step"] == 2
+    assert_same_weights(mid["state_dict"], after["state_dict"])
+    assert_same_weights(mid["current_model_state"], after["current_model_state"])
+    assert_same_weights(mid["current_model_state"], saver.raw)  # the weights being trained
+    assert differs(mid["state_dict"], mid["current_model_state"])
+
+    probe = StartProbe()
+    train_in_process(monkeypatch, tmp_path / "resumed", [EMA_ON, "trainer.max_steps=3",
+                                                         f"ckpt_path={tmp_path / 'mid.ckpt'}"], probe)
+    assert_same_weights(probe.module, mid["current_model_state"])
+
+
+def test_resume_with_ema_switched_off_continues_from_the_raw_weights(ema_run, tmp_path, monkeypatch):
+    saved = load(ema_run / "checkpoints" / "last.ckpt")
+    probe = StartProbe()
+    train_in_process(monkeypatch, tmp_path, ["callbacks.ema=null", "trainer.max_steps=4",
+                                             f"ckpt_path={ema_run / 'checkpoints' / 'last.ckpt'}"], probe)
+    assert_same_weights(probe.module, saved["current_model_state"])
+    after = load(tmp_path / "checkpoints" / "last.ckpt")
+    assert after["global_step"] == 4 and "current_model_state" not in after
+
+
+def test_validation_measures_the_trained_weights_and_logs_the_averages_beside_them(ema_run, off_run):
+    on = json.loads((ema_run / "metrics.json").read_text())["metrics"]
+    off = json.loads((off_run / "metrics.json").read_text())["metrics"]
+    assert on["val/loss"] == off["val/loss"]  # same seed, same raw weights: EMA does not change val/loss
+    assert "val_ema/loss" in on and on["val_ema/loss"] != on["val/loss"] and "val_ema/loss" not in off

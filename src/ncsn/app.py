@@ -184,18 +184,30 @@ GPU_EXPERIMENT = "mnist"
 CPU_EXPERIMENT = "cpu"
 
 
+def _asks_for_cpu(argv: list[str]) -> str | None:
+    """The argument that puts training on the CPU (``trainer=cpu``, ``trainer.accelerator=cpu``), if any."""
+    for arg in argv:
+        key, _, value = arg.lstrip("+~").partition("=")
+        if (key, value) in (("trainer", "cpu"), ("trainer.accelerator", "cpu")):
+            return arg
+    return None
+
+
 def choose_experiment(argv: list[str], cuda_available: bool, gpu_name: str = "") -> tuple[list[str], str | None]:
-    """``train.py`` without ``experiment=``: the GPU recipe where a CUDA GPU is visible, the CPU recipe
-    otherwise. Returns the command line to run and the one line that says what was picked and why (None when
-    the user chose an experiment: an explicit ``experiment=...`` always wins)."""
-    if any(a.lstrip("+~").startswith("experiment=") for a in argv):
+    """``train.py`` without ``experiment=``: the GPU recipe where a CUDA GPU is visible and training is not put
+    on the CPU (``trainer=cpu``, ``trainer.accelerator=cpu``), the CPU recipe otherwise. Returns the command line
+    to run and the one line that says what was picked and why (None when the user chose: an explicit
+    ``experiment=...`` always wins, and ``~experiment`` runs the base config without one)."""
+    if any(a.lstrip("+~").split("=", 1)[0] == "experiment" for a in argv):
         return argv, None
-    if cuda_available:
+    cpu_arg = _asks_for_cpu(argv)
+    if cuda_available and cpu_arg is None:
         name = f" ({gpu_name})" if gpu_name else ""
         line = (f"ncsn: a CUDA GPU is visible{name}: running experiment={GPU_EXPERIMENT}, the GPU recipe "
                 f"(about 5 minutes on one H100); add experiment=NAME to choose another")
         return [*argv, f"experiment={GPU_EXPERIMENT}"], line
-    line = (f"ncsn: no CUDA GPU found: running experiment={CPU_EXPERIMENT}, the CPU recipe (about 12 minutes "
+    why = f"{cpu_arg} puts training on the CPU" if cpu_arg else "no CUDA GPU found"
+    line = (f"ncsn: {why}: running experiment={CPU_EXPERIMENT}, the CPU recipe (about 12 minutes "
             f"on 2 cores), instead of the GPU recipe experiment={GPU_EXPERIMENT} (over 8 hours on a CPU); add "
             f"experiment=NAME to choose another")
     return [*argv, f"experiment={CPU_EXPERIMENT}"], line

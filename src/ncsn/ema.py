@@ -1,30 +1,41 @@
-"""Lightning's EMA callback, fixed for how this project saves, resumes and samples.
+"""The EMA of the weights: Lightning's ``WeightAveraging`` with the module always holding the raw weights.
 
-:class:`EMA` is :class:`lightning.pytorch.callbacks.EMAWeightAveraging` (same constructor arguments) with
-three differences:
+:class:`EMA` takes the arguments of Lightning's ``EMAWeightAveraging`` (``decay``, ``update_every_n_steps``,
+``update_starting_at_step``, ``device``, ``use_buffers``) and differs from it where this project saves,
+resumes, validates and runs under DDP:
 
-* **No copy at the end of training.** Lightning copies the average into the module in ``on_train_end``; a
-  ``last.ckpt`` written after fit (``ncsn.training.save_final_last_checkpoint``) then holds the EMA weights as
-  both ``state_dict`` and ``current_model_state``, losing the raw weights (``sample.py use_ema=false`` would
-  sample EMA weights, and a resume would restart the raw model from them). Here the module keeps its raw
-  weights; every checkpoint has ``state_dict`` = EMA and ``current_model_state`` = raw.
-* **No swap before the EMA has started.** Until the first update (``update_starting_at_step``) the average
-  is still the initial random network (``n_averaged == 0``); Lightning swaps it in for validation anyway.
-  Here validation uses the raw weights until then, and the swap back only happens if a swap was made.
-* **Raw weights in ``state_dict`` before the EMA has started.** While ``n_averaged == 0`` the average is
-  set to the raw weights whenever a checkpoint is saved, so ``state_dict`` is not the initial random
-  network. (``AveragedModel`` copies the model on its first update anyway, so nothing changes after.)
+* **The module never holds the average.** Lightning swaps the average into the module for validation and
+  copies it in at the end of training. Then a checkpoint written at such a moment (a SIGUSR1 pre-emption save
+  can come mid-validation) has the two weight sets reversed, validation judges an average that early in a run
+  is still mostly the initial network, and the raw weights are lost after fit. Here the module always holds the
+  weights being trained, so every checkpoint, whenever it is written, has ``state_dict`` = EMA and
+  ``current_model_state`` = raw, and validation (``val/loss``, the collapse check) measures the trained weights.
+  The average's own validation loss is logged beside it as ``val_ema/loss`` (same data, same noise).
+* **Picklable** (``ddp_spawn`` pickles the callbacks): the EMA update is a module-level function, not the
+  local closure ``torch.optim.swa_utils.get_ema_avg_fn`` returns.
+* **Raw weights in ``state_dict`` before the EMA has started.** Until the first update
+  (``update_starting_at_step``) the average is the initial random network; checkpoints hold the raw weights
+  as ``state_dict`` then, so sampling from them does not draw from an untrained network.
 
-``ncsn.callbacks.averaged_module`` (the sample grid) likewise uses the average only once it has started.
+``ncsn.callbacks.averaged_module`` (sample grid, quality metric) uses the average once it has started.
+A resume with EMA switched off (``callbacks.ema=null``) continues from ``current_model_state``
+(``ncsn.module.ScoreModel.on_load_checkpoint``).
 """
 
 from __future__ import annotations
 
-import itertools
+import functools
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import EMAWeightAveraging, WeightAveraging
+import torch
+from lightning.pytorch.callbacks import WeightAveraging
+
+
+def ema_update(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor, *, decay: float
+               ) -> torch.Tensor:
+    """One EMA step, ``decay * averaged + (1 - decay) * current`` (``AveragedModel``'s ``avg_fn`` signature)."""
+    return decay * averaged + (1.0 - decay) * current
 
 
 def ema_started(callback: WeightAveraging) -> bool:
@@ -33,32 +44,75 @@ def ema_started(callback: WeightAveraging) -> bool:
     return average is not None and int(average.n_averaged) > 0
 
 
-class EMA(EMAWeightAveraging):
-    """Exponential moving average of the weights; see the module docstring for how it differs from
-    Lightning's ``EMAWeightAveraging`` (it takes the same arguments: ``decay``, ``update_starting_at_step``...)."""
+class EMA(WeightAveraging):
+    """Exponential moving average of the weights (see the module docstring).
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._swapped = False
+    Args:
+        decay: the EMA decay (0.999 in NCSNv2).
+        update_every_n_steps: update the average every N optimizer steps.
+        update_starting_at_step: first optimizer step (0-based) that updates the average (None: from the first).
+        device: where the average lives (default: with the module).
+        use_buffers: average the buffers too.
+        validate: also compute the average's validation loss, logged as ``val_ema/loss``.
+    """
 
+    def __init__(self, decay: float = 0.999, update_every_n_steps: int = 1,
+                 update_starting_at_step: int | None = None, device: Any = None, use_buffers: bool = True,
+                 validate: bool = True) -> None:
+        if not 0.0 <= float(decay) <= 1.0:
+            from ncsn.errors import ConfigError
+
+            raise ConfigError(f"callbacks.ema.decay must be in [0, 1] (got {decay})")
+        super().__init__(device=device, use_buffers=use_buffers,
+                         avg_fn=functools.partial(ema_update, decay=float(decay)))
+        self.decay = float(decay)
+        self.update_every_n_steps = int(update_every_n_steps)
+        self.update_starting_at_step = update_starting_at_step
+        self.validate = validate
+        self._val_sum: torch.Tensor | None = None
+        self._val_count: torch.Tensor | None = None
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        if step_idx is None:
+            return False
+        started = self.update_starting_at_step is None or step_idx >= self.update_starting_at_step
+        return started and self.update_every_n_steps > 0 and step_idx % self.update_every_n_steps == 0
+
+    # --------------------------------------------------------------------- the module keeps the raw weights
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Keep the raw weights in the module (Lightning copies the average in here)."""
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._swapped = ema_started(self)
-        if self._swapped:
-            self._swap_models(pl_module)
+        """No swap: validation measures the weights being trained. Starts the average's own validation sums."""
+        self._val_sum = self._val_count = None
+        if self.validate and ema_started(self) and hasattr(pl_module, "validation_loss"):
+            self._val_sum = torch.zeros((), dtype=torch.float64, device=pl_module.device)
+            self._val_count = torch.zeros((), dtype=torch.float64, device=pl_module.device)
+
+    @torch.no_grad()
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._val_sum is None:
+            return
+        average = self._average_model.module
+        was_training = average.training
+        average.eval()
+        out = pl_module.validation_loss(batch, batch_idx, model=average)  # the module's data and noise
+        average.train(was_training)
+        self._val_sum += out.level_sum.sum().double()
+        self._val_count += out.level_count.sum().double()
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._swapped:
-            self._swap_models(pl_module)
-            self._swapped = False
+        if self._val_sum is None:
+            return
+        total = trainer.strategy.reduce(torch.stack([self._val_sum, self._val_count]), reduce_op="sum")
+        loss_sum, count = total.tolist()  # one host sync per validation
+        self._val_sum = self._val_count = None
+        if count > 0:
+            pl_module.log("val_ema/loss", loss_sum / count, sync_dist=True)  # equal on every rank already
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
                            ) -> None:
-        if self._average_model is not None and not ema_started(self):
-            average = itertools.chain(self._average_model.module.parameters(), self._average_model.module.buffers())
-            current = itertools.chain(pl_module.parameters(), pl_module.buffers())
-            for avg, cur in zip(average, current):
-                avg.data.copy_(cur.data)
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._average_model is not None and not ema_started(self):
+            checkpoint["state_dict"] = checkpoint["current_model_state"]

@@ -29,6 +29,12 @@ log = logging.getLogger("ncsn")
 
 LOSSES = {"dsm": dsm_loss, "ssm": sliced_score_matching_loss}
 
+#: up to this many levels each gets its own ``val/loss_sigma_i``; beyond, the per-σ loss is logged in bands
+PER_LEVEL_KEYS_MAX = 10
+#: the fractional part of the golden ratio: the validation levels' low-discrepancy sequence
+GOLDEN = 0.6180339887498949
+BANDS = 5
+
 DEFAULT_SAMPLER = {"n_steps_each": 100, "step_lr": 2e-5, "denoise": False, "init_low": 0.0, "init_high": 1.0}
 
 
@@ -98,6 +104,8 @@ class ScoreModel(L.LightningModule):
         self._val_sum: torch.Tensor | None = None
         self._val_count: torch.Tensor | None = None
         self._val_health: torch.Tensor | None = None
+        #: the last validation's loss per level (sigma, loss or None, count): the per-σ chart reads it
+        self.val_per_level: dict | None = None
         self.collapse_check_after = int(collapse_check_after)
         #: the collapse warnings of this run so far (``metrics.json`` records them)
         self.health_warnings: list[str] = []
@@ -146,11 +154,18 @@ class ScoreModel(L.LightningModule):
         return batch[0] if isinstance(batch, (list, tuple)) else batch
 
     # ------------------------------------------------------------------ training
+    def _logging_step(self) -> bool:
+        """Whether the loggers read this step's metrics (every ``log_every_n_steps``): per-step diagnostics are
+        only computed and logged then."""
+        if self._trainer is None:
+            return True
+        return bool(self.trainer._logger_connector.should_update_logs)
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         x = self._images(batch)
         out = self.compute_loss(x)
         self._last_loss_output = out
-        if out.output_sq_sum is not None:
+        if out.output_sq_sum is not None and self._logging_step():
             self.log("train/output_ms", out.output_sq_sum / x.shape[0])
         if self.nonfinite == "raise":
             self.log("train/loss", out.loss)  # not prog_bar: Lightning would .item() it every step
@@ -174,7 +189,8 @@ class ScoreModel(L.LightningModule):
             self._raise_nonfinite(loss, self._last_loss_output)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self.log("train/grad_norm", grad_norm(self.parameters()))  # a tensor: no host sync here
+        if self._logging_step():
+            self.log("train/grad_norm", grad_norm(self.parameters()))  # a tensor: no host sync here
         if self.nonfinite == "raise" and self._sync_free_checks():
             bad = self._perf.watch.first_bad()
             if bad is not None:
@@ -194,48 +210,91 @@ class ScoreModel(L.LightningModule):
         self._val_count = torch.zeros(self.num_scales, device=self.device)
         self._val_health = torch.zeros(2, device=self.device)  # zero-output loss sum, output mean-square sum
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
+    def validation_loss(self, batch: Any, batch_idx: int, model: ScoreModel | None = None) -> LossOutput:
+        """The validation loss of ``model`` (default: this module, i.e. the weights being trained) on one
+        batch, with fixed noise and with the levels spread evenly over the σ list (sample j of the whole
+        validation set gets level ⌊L · frac(j φ)⌋, φ the golden ratio: any number of samples covers the σ range
+        evenly, and every level once there are a few times L), so every validation sees the same draws. The EMA callback calls it with the average, to compare on the same draws."""
         x = self._images(batch)
         generator = torch.Generator(device=x.device)
         generator.manual_seed(self.val_seed + 100_003 * batch_idx + 7919 * self.global_rank)
-        out = self.compute_loss(x, generator)
+        n = x.shape[0]
+        first = (batch_idx * self.trainer.world_size + self.global_rank) * n if self._trainer is not None else 0
+        index = torch.arange(first, first + n, device=x.device, dtype=torch.float64)
+        levels = ((index * GOLDEN) % 1.0 * self.num_scales).long().clamp_(max=self.num_scales - 1)
+        model = self if model is None else model
+        return LOSSES[self.loss_name](model.score_fn, x, self.sigmas, levels, weight_power=self.weight_power,
+                                      generator=generator)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        out = self.validation_loss(batch, batch_idx)
         self._val_sum += out.level_sum
         self._val_count += out.level_count
         if out.zero_output_sum is not None:
             self._val_health += torch.stack([out.zero_output_sum, out.output_sq_sum])
 
     def on_validation_epoch_end(self) -> None:
-        total_sum = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
-        total_count = self.trainer.strategy.reduce(self._val_count, reduce_op="sum")
-        health = self.trainer.strategy.reduce(self._val_health, reduce_op="sum")
-        if total_count.sum() == 0:
+        """Logs ``val/loss``, the collapse metrics and the per-σ losses. Everything is summed over processes in
+        one reduction and read to the host once. Levels that drew no validation sample get no value (never a fake 0); with more than
+        ``PER_LEVEL_KEYS_MAX`` levels the per-σ losses are logged as ``BANDS`` bands of levels
+        (``val/loss_band_0`` holds the largest σ) and the full curve is kept in ``val_per_level``."""
+        packed = torch.cat([self._val_sum, self._val_count, self._val_health])
+        packed = self.trainer.strategy.reduce(packed, reduce_op="sum").double().cpu()
+        level_sum, level_count = packed[:self.num_scales], packed[self.num_scales:2 * self.num_scales]
+        health = packed[2 * self.num_scales:]
+        total = float(level_count.sum())
+        if total == 0:
             return
-        metrics = {"val/loss": total_sum.sum() / total_count.sum()}
+        val_loss = float(level_sum.sum()) / total
+        metrics: dict[str, float] = {}
         if self.loss_name == "dsm":
-            metrics.update(self._health_metrics(metrics["val/loss"], *(health / total_count.sum())))
-        per_level = total_sum / total_count.clamp_min(1)
-        for i in range(self.num_scales):
-            metrics[f"val/loss_sigma_{i}"] = per_level[i]
-        # the values are already summed over processes (the same on every rank): no second sync needed
-        self.log("val/loss", metrics.pop("val/loss"), prog_bar=True)
-        self.log_dict(metrics)
+            metrics.update(self._health_metrics(val_loss, *(float(h) / total for h in health)))
+        per_level = [float(s / c) if c > 0 else None for s, c in zip(level_sum, level_count)]
+        self.val_per_level = {"step": self.global_step, "sigma": self.sigmas.tolist(), "loss": per_level,
+                              "count": [int(c) for c in level_count]}
+        if self.num_scales <= PER_LEVEL_KEYS_MAX:
+            metrics.update({f"val/loss_sigma_{i}": v for i, v in enumerate(per_level) if v is not None})
+        else:
+            for band, idx in enumerate(torch.arange(self.num_scales).tensor_split(BANDS)):
+                s, c = float(level_sum[idx].sum()), float(level_count[idx].sum())
+                if c > 0:
+                    metrics[f"val/loss_band_{band}"] = s / c
+        # sync_dist: the values are equal on every rank already; it only tells Lightning so (no per-key warning)
+        self.log("val/loss", val_loss, prog_bar=True, sync_dist=True)
+        self.log_dict(metrics, sync_dist=True)
 
-    def _health_metrics(self, val_loss: torch.Tensor, zero_output: torch.Tensor, output_ms: torch.Tensor) -> dict:
-        """The collapse metrics of one validation, and the warning line when the network has collapsed."""
-        ratio = val_loss / zero_output
+    def _health_metrics(self, val_loss: float, zero_output: float, output_ms: float) -> dict[str, float]:
+        """The collapse metrics of one validation (of the weights being trained, never the EMA's), and the
+        warning line when the network has collapsed."""
         collapsed = 0.0
         if self.global_step >= self.collapse_check_after and not self.trainer.sanity_checking:
             lr = None
             if self.trainer.optimizers:
                 lr = float(self.trainer.optimizers[0].param_groups[0]["lr"])
-            line = collapse_warning(self.global_step, float(val_loss), float(zero_output), float(output_ms), lr)
+            line = collapse_warning(self.global_step, val_loss, zero_output, output_ms, lr)
             if line is not None:
                 collapsed = 1.0
                 self.health_warnings.append(line)
                 if self.trainer.is_global_zero:
                     log.warning(line)
-        return {"val/zero_output_loss": zero_output, "val/loss_to_zero_output": ratio, "val/output_ms": output_ms,
-                "val/collapsed": torch.tensor(collapsed, device=val_loss.device)}
+        return {"val/zero_output_loss": zero_output, "val/loss_to_zero_output": val_loss / zero_output,
+                "val/output_ms": output_ms, "val/collapsed": collapsed}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resume from the raw weights also when EMA is switched off for this run: the checkpoint's
+        ``state_dict`` holds the EMA weights and ``current_model_state`` the raw ones (``ncsn.ema``); with an
+        EMA callback attached, that callback restores both itself."""
+        from lightning.pytorch.callbacks import WeightAveraging
+
+        if "current_model_state" not in checkpoint or self._trainer is None:
+            return
+        if any(isinstance(cb, WeightAveraging) for cb in self.trainer.callbacks):
+            return
+        checkpoint["state_dict"] = checkpoint["current_model_state"]
+        if self.trainer.is_global_zero:
+            log.info("EMA is off for this run: resuming from the checkpoint's raw weights (current_model_state), "
+                     "not its EMA weights")
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):

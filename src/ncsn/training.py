@@ -78,6 +78,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     callbacks.insert(0, MetricsFileCallback(output_dir(cfg) / "metrics.json"))  # first: its hooks time the steps
     # before the other callbacks' (sample grids) and end the training time before the end-of-training grid
     callbacks.append(RngStateCallback())
+    callbacks.append(FinalLastCheckpoint())  # last: after the other callbacks' on_train_end
     fall_back_to_offline_wandb(cfg)
     loggers = instantiate_group(cfg.get("logger"))
     if not loggers:  # nothing to report learning rates to (Lightning would refuse to start)
@@ -162,15 +163,19 @@ def reset_distributed(saved_env: dict) -> None:
             os.environ[key] = value
 
 
-def save_final_last_checkpoint(trainer: L.Trainer) -> None:
-    """Make ``last.ckpt`` hold the final step. Lightning only refreshes it at its periodic saves, so a run that
-    stops between two (``max_time``, ``max_steps`` not a multiple of the interval) would keep older weights."""
-    callback = trainer.checkpoint_callback
-    if callback is None or not getattr(callback, "save_last", False) or callback.dirpath is None:
-        return
-    if trainer.interrupted or getattr(callback, "_last_global_step_saved", None) == trainer.global_step:
-        return
-    trainer.save_checkpoint(str(Path(callback.dirpath) / "last.ckpt"))
+class FinalLastCheckpoint(L.Callback):
+    """Makes ``last.ckpt`` hold the final step. Lightning only refreshes it at its periodic saves, so a run that
+    stops between two (``max_time``, ``max_steps`` not a multiple of the interval) would keep older weights.
+    Saved in ``on_train_end``, inside the training processes (under ``ddp_spawn`` the launching process has
+    neither the final step nor the callbacks' state), after every other callback's end-of-training hook."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        callback = trainer.checkpoint_callback
+        if callback is None or not getattr(callback, "save_last", False) or callback.dirpath is None:
+            return
+        if getattr(callback, "_last_global_step_saved", None) == trainer.global_step:
+            return
+        trainer.save_checkpoint(str(Path(callback.dirpath) / "last.ckpt"))
 
 
 def close_loggers(loggers: list) -> None:
@@ -208,7 +213,6 @@ def train(cfg: DictConfig) -> float | None:
     saved_env = {k: os.environ.get(k) for k in DDP_ENV}
     try:
         trainer.fit(objects["model"], datamodule=objects["datamodule"], ckpt_path=ckpt_path)
-        save_final_last_checkpoint(trainer)
     finally:
         close_loggers(objects["loggers"])
         reset_distributed(saved_env)
