@@ -23,9 +23,9 @@ Definitions (images as uint8 / 255, so in [0, 1]):
 * **degenerate**: pixel std < 0.10 (near-constant: blank or flat grey), or mean > 0.35, or more than 35 % of
   the pixels above 0.5 (white / grey blobs). Over the 5,000 real digits the std is ≥ 0.148 and the mean and
   the bright share are ≤ 0.31, so no real digit is flagged; the real rate is printed every run.
-* **class shares**: the share of each digit among the NON-degenerate samples, by ``bench/digit_classifier.py``
-  (a small CNN trained by the bench on the 4,500 training digits, cached in ``bench/.cache/``; its held-out
-  accuracy is printed and must be ≥ 95 %).
+* **class shares**: the share of each digit among the NON-degenerate samples, by the digit classifier that
+  ships with the package (``ncsn.metrics.digits``: a small CNN trained on the 4,500 training digits; its file's
+  sha256 is checked on load and its held-out accuracy is printed).
 * **Fréchet (feature)**: the Fréchet distance between Gaussians fitted to the classifier's 128-d penultimate
   features of ALL N samples and of the 500 held-out digits (an MNIST "FID"). **floor**: the same distance for
   N real training digits (a fixed random subset; all 4,500 when N > 4,500) against the same 500 held-out
@@ -38,8 +38,10 @@ class 10 % ± 5 %, Fréchet ≤ 5 × floor, at 256 samples:
 
     python bench/quality.py --experiments cpu --budget-seconds 660 --num-samples 256 --sample-batch-size 256 --threads 2
 
-Runs go to ``bench/.runs/``, the classifier to ``bench/.cache/`` (both git-ignored); a JSON of the results is
-written next to the runs.
+These scores are the package's own sample-quality metric for digits (``ncsn.metrics.quality.DigitQuality``:
+``quality/degenerate``, ``quality/class_share_*``, ``quality/fd``, ``quality/fd_floor``, ``quality/fd_ratio``);
+this script only trains, samples and tabulates. Runs go to ``bench/.runs/`` (git-ignored); a JSON of the results
+is written next to the runs.
 """
 
 from __future__ import annotations
@@ -54,18 +56,21 @@ from pathlib import Path
 
 import numpy as np
 
+from ncsn.metrics import digits as dc
+from ncsn.metrics.quality import (
+    DEGENERATE_BRIGHT_SHARE_MAX,
+    DEGENERATE_MEAN_MAX,
+    DEGENERATE_STD_MIN,
+    DigitQuality,
+    degenerate_mask,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-
-import digit_classifier as dc
-
 RUNS_DIR = BENCH / ".runs"
 
-# degenerate-sample rule (calibrated on the 5,000 real digits: see the module docstring)
-STD_MIN = 0.10
-MEAN_MAX = 0.35
-BRIGHT_SHARE_MAX = 0.35  # share of pixels above 0.5
+# the package's degenerate-sample rule (calibrated on the 5,000 real digits: see the module docstring)
+STD_MIN, MEAN_MAX, BRIGHT_SHARE_MAX = DEGENERATE_STD_MIN, DEGENERATE_MEAN_MAX, DEGENERATE_BRIGHT_SHARE_MAX
 
 # targets: the GPU recipe's (issue 8/11, 5 GPU-minutes, 1,000 samples) and the CPU recipe's (issue 12, 12 CPU
 # minutes on 2 cores, 256 samples): (degenerate share below, class share within 10% +-, Fréchet within x floor)
@@ -81,75 +86,36 @@ TINY_SAMPLE_EXTRA = ["sampler.n_steps_each=1", "device=cpu", "use_ema=false"]
 
 
 # ---------------------------------------------------------------------------------------------- metrics
-def degenerate_mask(images: np.ndarray) -> np.ndarray:
-    """True for each degenerate image (uint8 [N, H, W(, 1)]): near-constant, or mostly bright."""
-    x = np.asarray(images, dtype=np.float64).reshape(len(images), -1) / 255.0
-    return (x.std(1) < STD_MIN) | (x.mean(1) > MEAN_MAX) | ((x > 0.5).mean(1) > BRIGHT_SHARE_MAX)
-
-
-def class_shares(labels: np.ndarray) -> np.ndarray:
-    labels = np.asarray(labels)
-    if labels.size == 0:
-        return np.full(10, np.nan)
-    return np.bincount(labels, minlength=10)[:10] / labels.size
-
-
-def gaussian_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return feats.mean(0), np.cov(feats, rowvar=False)
-
-
-def frechet_distance(stats1: tuple[np.ndarray, np.ndarray], stats2: tuple[np.ndarray, np.ndarray]) -> float:
-    """‖μ1 − μ2‖² + tr(C1 + C2 − 2 (C1^½ C2 C1^½)^½), through symmetric eigendecompositions (stable for
-    the rank-deficient covariances of small sample counts)."""
-    mu1, c1 = stats1
-    mu2, c2 = stats2
-    w, v = np.linalg.eigh(c1)
-    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    middle = root1 @ c2 @ root1
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2.0 * cross)
-
-
 class Reference:
-    """The classifier and everything real-data side: held-out feature statistics and the floors."""
+    """The package's digit metric (``DigitQuality``: shipped classifier, held-out statistics, floors) and the
+    classifier's numbers for the report."""
 
-    def __init__(self, classifier_dir: Path, verbose: bool = True) -> None:
-        self.model, self.info = dc.load_or_train(classifier_dir, verbose=verbose)
-        if self.info["test_accuracy"] < dc.MIN_ACCURACY:
-            raise SystemExit(f"the digit classifier reaches only {self.info['test_accuracy']:.2%} on the held-out "
-                             f"digits (need {dc.MIN_ACCURACY:.0%}); run python bench/digit_classifier.py --retrain")
+    def __init__(self, num_samples: int, verbose: bool = True) -> None:
+        self.quality = DigitQuality(num_samples)
         split = dc.bundled_split()
-        self.train_images, self.val_images = split["train_images"], split["val_images"]
-        self.train_feats = dc.features(self.model, self.train_images)
-        self.val_stats = gaussian_stats(dc.features(self.model, self.val_images))
-        self.real_degenerate = {"held-out": float(degenerate_mask(self.val_images).mean()),
-                                "train": float(degenerate_mask(self.train_images).mean())}
-        self.train_shares = class_shares(split["train_labels"])
-        self._floors: dict[int, float] = {}
+        self.info = {"test_accuracy": dc.accuracy(self.quality.model, split["val_images"], split["val_labels"]),
+                     "recorded_accuracy": dc.HELD_OUT_ACCURACY, "num_train": len(split["train_labels"]),
+                     "num_test": len(split["val_labels"]), "sha256": dc.WEIGHTS_SHA256, "path": str(dc.WEIGHTS_FILE)}
+        self.real_degenerate = {"held-out": float(degenerate_mask(split["val_images"]).mean()),
+                                "train": float(degenerate_mask(split["train_images"]).mean())}
+        if verbose:
+            print(f"digit classifier: held-out accuracy {self.info['test_accuracy']:.2%} on {self.info['num_test']} "
+                  f"digits; {dc.WEIGHTS_FILE} (sha256 checked)", flush=True)
 
     def floor(self, n: int) -> float:
         """Fréchet distance of ``n`` random real training digits (fixed seed) to the held-out digits."""
-        n = min(int(n), len(self.train_feats))
-        if n not in self._floors:
-            idx = np.random.default_rng(0).permutation(len(self.train_feats))[:n]
-            self._floors[n] = frechet_distance(gaussian_stats(self.train_feats[idx]), self.val_stats)
-        return self._floors[n]
+        return self.quality.floor(n)
 
     def score(self, samples: np.ndarray) -> dict:
         samples = np.asarray(samples)
         if samples.ndim == 4 and samples.shape[-1] != 1 or tuple(samples.shape[1:3]) != (28, 28):
             raise SystemExit(f"samples of shape {samples.shape} are not 28x28 grey digits")
-        degenerate = degenerate_mask(samples)
-        good = samples[~degenerate]
-        shares = class_shares(dc.predict(self.model, good)) if len(good) else class_shares([])
-        fd = frechet_distance(gaussian_stats(dc.features(self.model, samples)), self.val_stats)
-        floor = self.floor(len(samples))
-        return {"num_samples": len(samples), "degenerate": float(degenerate.mean()),
-                "class_shares": [None if np.isnan(s) else float(s) for s in shares],
-                "min_share": None if np.isnan(shares).any() else float(shares.min()),
-                "max_share": None if np.isnan(shares).any() else float(shares.max()),
-                "frechet": fd, "floor": floor, "floor_count": min(len(samples), len(self.train_feats)),
-                "ratio": fd / floor if floor > 0 else float("inf")}
+        r = self.quality.score(samples)
+        defined = None not in r["class_shares"]
+        return {"num_samples": r["num_samples"], "degenerate": r["degenerate"], "class_shares": r["class_shares"],
+                "min_share": r["class_share_min"] if defined else None,
+                "max_share": r["class_share_max"] if defined else None,
+                "frechet": r["fd"], "floor": r["fd_floor"], "floor_count": r["floor_count"], "ratio": r["fd_ratio"]}
 
 
 def targets(result: dict, kind: str = "gpu") -> dict[str, bool]:
@@ -352,7 +318,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="OMP_NUM_THREADS for the subprocesses (1 avoids thread thrashing on a busy CPU)")
     p.add_argument("--runs-dir", default=str(RUNS_DIR), help="where new runs go")
-    p.add_argument("--classifier-dir", default=str(dc.CACHE_DIR), help="classifier cache dir")
     args = p.parse_args(argv)
     if args.tiny:
         args.extra = [*TINY_TRAIN_EXTRA, *args.extra]
@@ -376,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
         env["MKL_NUM_THREADS"] = str(args.threads)
-    ref = Reference(Path(args.classifier_dir))
+    ref = Reference(args.num_samples)
     stamp = args.stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     results = []
     if args.run_dirs:

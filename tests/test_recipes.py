@@ -35,6 +35,7 @@ BUDGET = {
     "cifar10_paper": (60, 4, 0.7),
     "celeba_paper": (60, 4, 0.7),
     "cifar10_ncsnv2": (25, 4, 0.6),
+    "celeba64_ncsnv2": (25, 4, 0.6),
 }
 MIN_OUTPUT_MS = 0.05  # mean square of sigma * score (a collapsed network: 0.001-0.006)
 _RESULTS: dict[str, dict] = {}  # experiments whose network, optimizer and clipping resolve identically run once

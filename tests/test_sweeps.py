@@ -146,7 +146,11 @@ def test_report_over_the_toy_sweep(toy_sweeps, tmp_path):
     assert_png(sweep / "val_loss_per_sigma.png")
     assert_png(sweep / "samples_side_by_side.png")
     md = (sweep / "report.md").read_text()
-    assert "sigmas.sigma_max" in md and "val_loss_per_sigma.png" in md and "best val/loss" in md
+    assert "sigmas.sigma_max" in md and "val_loss_per_sigma.png" in md
+    # ranked by the toy mixture's sample-quality metric, which every job logged at its end
+    assert "best quality/sliced_wasserstein" in md and "ranked by quality/sliced_wasserstein" in md
+    by_quality = sorted(rows, key=lambda r: float(r["quality/sliced_wasserstein"]))
+    assert [r["rank"] for r in by_quality] == ["1", "2", "3", "4"]
     assert md.count("\n| ") >= 5  # header + 4 rows
 
 
@@ -430,7 +434,7 @@ def test_sweeper_and_launcher_configs_compose(tmp_path):
         stdout, stderr = p.communicate(timeout=300)
         assert p.returncode == 0, f"{name}: exit {p.returncode}\n{stdout[-2000:]}\n{stderr[-3000:]}"
         out[name] = yaml.safe_load(stdout)  # printed unresolved: interpolations stay strings
-    assert out["optuna"]["optimized_metric"] == "val/loss"
+    assert out["optuna"]["optimized_metric"] == "auto"  # the sample-quality metric, val/loss without one
     hydra = out["optuna_hydra"]["hydra"]
     assert hydra["sweeper"]["_target_"].endswith("OptunaSweeper") and hydra["sweeper"]["direction"] == "minimize"
     assert set(hydra["sweeper"]["params"]) == {"sigmas.sigma_max", "sigmas.num_scales", "sampler.step_lr"}

@@ -3,6 +3,7 @@ W&B, resume, DDP."""
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -110,8 +111,8 @@ def test_resume_continues_at_the_saved_step_with_optimizer_and_ema_state(trained
     adam_steps = {int(s["step"]) for s in after["optimizer_states"][0]["state"].values()}
     assert adam_steps == {6}, "Adam's moments must continue from the checkpoint (6 steps), not restart (2)"
     assert int(after["averaging_state"]["n_averaged"]) == int(before["averaging_state"]["n_averaged"]) + 2
-    steps = [int(line.split(",")[2]) for line in (resumed / "csv" / "metrics.csv").read_text().splitlines()[1:]
-             if line.split(",")[2]]
+    with open(resumed / "csv" / "metrics.csv") as f:
+        steps = [int(row["step"]) for row in csv.DictReader(f) if row["step"]]
     assert min(steps) >= 4, "logging resumes at the saved step"
 
 

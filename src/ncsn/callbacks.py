@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from torchvision.utils import make_grid, save_image
 
 from ncsn.data.transforms import to_image_range
 from ncsn.ema import ema_started
+
+log = logging.getLogger("ncsn")
 
 
 def averaged_module(trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningModule:
@@ -42,12 +45,34 @@ def scatter_image(points: torch.Tensor, size: int = 256, extent: float = 10.0) -
     return img
 
 
-class SampleGridCallback(L.Callback):
-    """Every ``every_n_steps`` training steps, on rank zero: sample with annealed Langevin (EMA weights when
-    EMA is on) from a fixed seed, save the grid as ``<run dir>/samples/step_XXXXXXX.png`` and log it to
-    every attached logger as ``samples/grid`` (a ``wandb.Image`` for W&B, an image for TensorBoard).
+def primary_quality_keys() -> tuple[str, ...]:
+    """The primary key of every built-in sample-quality metric (``ncsn.metrics``), lower is better for each."""
+    from ncsn.metrics.image_quality import InceptionFIDQuality, PixelFrechetQuality
+    from ncsn.metrics.quality import DigitQuality, ToyMixtureQuality
 
-    ``sampler`` overrides the module's sampler settings for these previews (e.g. fewer steps).
+    return tuple(cls.name for cls in (DigitQuality, ToyMixtureQuality, InceptionFIDQuality, PixelFrechetQuality))
+
+
+def quality_key_in(metrics) -> str | None:
+    """The primary sample-quality key present in ``metrics`` (a run's logged metrics), or None."""
+    return next((key for key in primary_quality_keys() if key in metrics), None)
+
+
+class SampleGridCallback(L.Callback):
+    """Every ``every_n_steps`` training steps and at the end of training, on rank zero: draw ``num_samples``
+    samples with annealed Langevin (the EMA weights once EMA has started) from a fixed seed, and from that one
+    pass
+
+    * save the grid of the first ``grid_size`` as ``<run dir>/samples/step_XXXXXXX.png`` and log it to every
+      attached logger as ``samples/grid`` (a ``wandb.Image`` for W&B, an image for TensorBoard);
+    * with ``quality`` on, score all of them with the dataset's built-in sample-quality metric
+      (``ncsn.metrics.quality_metric_for``: the digit classifier's Fréchet distance over its floor on MNIST, the
+      sliced Wasserstein distance on the toy mixture, FID on other images) and log its ``quality/*`` values to
+      every logger at that step. The last values are in ``trainer.callback_metrics`` (so ``metrics.json``,
+      ``optimized_metric`` and checkpoint monitors see them), the whole curve in :attr:`quality_history`.
+
+    ``sampler`` overrides the module's sampler settings for these passes (e.g. fewer steps). The metric's real
+    side (reference features, floors) is computed once, at the first pass.
     """
 
     def __init__(
@@ -58,6 +83,8 @@ class SampleGridCallback(L.Callback):
         on_train_end: bool = True,
         sampler: dict | None = None,
         dirname: str = "samples",
+        grid_size: int | None = 64,
+        quality: bool = True,
     ) -> None:
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
@@ -65,6 +92,12 @@ class SampleGridCallback(L.Callback):
         self.at_train_end = on_train_end
         self.sampler = dict(sampler or {})
         self.dirname = dirname
+        self.grid_size = grid_size
+        self.quality = quality
+        self._metric = None
+        self._metric_built = False
+        #: the quality values of every pass so far: [{"step": ..., "quality/...": ...}, ...]
+        self.quality_history: list[dict] = []
         self._last_step = -1
 
     def _out_dir(self, trainer: L.Trainer) -> Path:
@@ -79,6 +112,19 @@ class SampleGridCallback(L.Callback):
         if self.at_train_end:
             self.make_grid(trainer, pl_module)
 
+    def quality_metric(self, trainer: L.Trainer, pl_module: L.LightningModule):
+        """The dataset's sample-quality metric (built once; None when off or the data has none)."""
+        if self.quality and not self._metric_built:
+            from ncsn.metrics import quality_metric_for
+
+            self._metric_built = True
+            datamodule = getattr(trainer, "datamodule", None)
+            self._metric = quality_metric_for(datamodule, num_samples=self.num_samples, device=pl_module.device)
+            if self._metric is not None:
+                log.info("sample quality: %s, %d samples every %s steps: %s", self._metric.name, self.num_samples,
+                         self.every_n_steps or "(end only)", self._metric.description)
+        return self._metric
+
     @rank_zero_only
     def make_grid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
         step = trainer.global_step
@@ -88,10 +134,8 @@ class SampleGridCallback(L.Callback):
         module = averaged_module(trainer, pl_module)
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         samples = module.sample(self.num_samples, generator=generator, **self.sampler)
-        if samples.ndim == 2:
-            grid = scatter_image(samples)
-        else:
-            grid = image_grid(samples)
+        shown = samples[: self.grid_size] if self.grid_size else samples
+        grid = scatter_image(shown) if samples.ndim == 2 else image_grid(shown)
         out_dir = self._out_dir(trainer)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"step_{step:07d}.png"
@@ -103,7 +147,52 @@ class SampleGridCallback(L.Callback):
                 logger.log_image(key="samples/grid", images=[str(path)], step=step, caption=[f"step {step}"])
             elif isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("samples/grid", grid, global_step=step)
+        self._score(trainer, pl_module, samples, step)
         return path
+
+    def _score(self, trainer: L.Trainer, pl_module: L.LightningModule, samples: torch.Tensor, step: int) -> None:
+        metric = self.quality_metric(trainer, pl_module)
+        if metric is None:
+            return
+        values = metric(samples if samples.ndim == 2 else to_image_range(samples.float()))
+        self.quality_history.append({"step": step, **values})
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
+        log.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+
+
+class SigmaLossChart(L.Callback):
+    """After every validation, on rank zero: the validation loss against σ (``ScoreModel.val_per_level``) as one
+    W&B line chart ``val/loss_vs_sigma`` with a line per validation (the last ``max_lines``), so the per-σ
+    loss reads as one picture instead of a scalar per level. Loggers other than W&B get nothing from it
+    (``metrics.json`` keeps the last curve under ``per_sigma``)."""
+
+    def __init__(self, max_lines: int = 8) -> None:
+        self.max_lines = max_lines
+        self._curves: list[dict] = []
+
+    @rank_zero_only
+    def on_validation_end(self, trainer, pl_module) -> None:
+        curve = getattr(pl_module, "val_per_level", None)
+        if trainer.sanity_checking or curve is None or (self._curves and self._curves[-1]["step"] == curve["step"]):
+            return
+        self._curves = [*self._curves, curve][-self.max_lines:]
+        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if not wandb_loggers:
+            return
+        import wandb
+
+        xs, ys, keys = [], [], []
+        for c in self._curves:
+            pairs = [(s, v) for s, v in zip(c["sigma"], c["loss"]) if v is not None]
+            xs.append([s for s, _ in pairs])
+            ys.append([v for _, v in pairs])
+            keys.append(f"step {c['step']}")
+        chart = wandb.plot.line_series(xs=xs, ys=ys, keys=keys, title="validation loss per noise level",
+                                       xname="sigma")
+        for logger in wandb_loggers:
+            logger.log_metrics({"val/loss_vs_sigma": chart}, step=trainer.global_step)
 
 
 class RunRecordCallback(L.Callback):
@@ -274,11 +363,24 @@ class MetricsFileCallback(L.Callback):
             "metrics": metrics,
             # the network-collapse warnings of the run (ncsn.diagnostics.collapse_warning), [] when healthy
             "warnings": list(getattr(pl_module, "health_warnings", [])),
+            # the last validation's loss per noise level: {"step", "sigma", "loss" (None: no sample), "count"}
+            "per_sigma": getattr(pl_module, "val_per_level", None),
+            # the built-in sample-quality metric: its primary key (lower is better) and every pass's values
+            "quality": self._quality(trainer),
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".part")
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         os.replace(tmp, self.path)
+
+
+    @staticmethod
+    def _quality(trainer) -> dict | None:
+        for cb in trainer.callbacks:
+            metric = getattr(cb, "_metric", None) if isinstance(cb, SampleGridCallback) else None
+            if metric is not None:
+                return {"metric": metric.name, "description": metric.description, "history": cb.quality_history}
+        return None
 
 
 class RngStateCallback(L.Callback):

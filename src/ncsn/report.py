@@ -7,12 +7,15 @@ Reads every job dir of the sweep (``<sweep dir>/<job num>/``: ``.hydra/overrides
   (``ok`` / ``failed``), final ``val/loss`` next to the zero-output loss (their ratio near 1 = the network
   learned nothing), the output mean square and gradient norm, the run's collapse warning if any (``collapse``;
   also named at the top of ``report.md``), every ``val/loss_sigma_i``, ``val/fid`` when a job logged it,
-  ``train/loss``, images/s, global step, training seconds, the error line of failed jobs and the job dir;
-* ``report.md``: the same as a Markdown table (per-level losses only when there are few levels), the best
-  job, the settings every job shared, and the two figures;
-* ``val_loss_per_sigma.png``: each job's per-level validation loss against σ_i (log x-axis); the σ values
-  come from the job's ``checkpoints/config.yaml`` (its ``sigmas`` node, instantiated);
-* ``samples_side_by_side.png``: each job's latest sample grid, labelled with its swept values.
+  ``train/loss``, images/s, global step, training seconds, the error line of failed jobs and the job dir,
+  every ``quality/*`` value of the built-in sample-quality metric and the job's ``rank``;
+* ``report.md``: the same as a Markdown table (per-level losses only when there are few levels), ranked by the
+  sample-quality metric when the jobs logged it (``val/loss`` otherwise: it is not comparable across σ
+  schedules), the best job, the settings every job shared, and the two figures;
+* ``val_loss_per_sigma.png``: each job's per-level validation loss against σ_i (log x-axis), from
+  ``metrics.json``'s ``per_sigma`` (older runs: the ``val/loss_sigma_i`` keys and the σ list of the job's
+  ``checkpoints/config.yaml``);
+* ``samples_side_by_side.png``: each job's latest sample grid, labelled with its swept values and its quality.
 
 A job with ``error.txt`` (newer than its ``metrics.json``, if any) or without ``metrics.json`` is a failed row
 with its error line (``no metrics.json (still running or killed)``): the report never crashes on it.
@@ -67,8 +70,23 @@ class Job:
         return dict((self.record or {}).get("metrics") or {})
 
     def per_sigma_losses(self) -> list[float | None]:
+        """The last validation's loss at each level (None where no sample was drawn): from ``metrics.json``'s
+        ``per_sigma`` (every level), or from the ``val/loss_sigma_i`` keys of runs that logged them."""
+        curve = (self.record or {}).get("per_sigma")
+        if curve and curve.get("loss"):
+            return list(curve["loss"])
         found = {int(m.group(1)): v for k, v in self.metrics.items() if (m := SIGMA_KEY.match(k))}
         return [found.get(i) for i in range(max(found) + 1)] if found else []
+
+    @property
+    def quality_key(self) -> str | None:
+        """The primary key of the sample-quality metric this job logged (lower is better), or None."""
+        quality = (self.record or {}).get("quality") or {}
+        if quality.get("metric") in self.metrics:
+            return quality["metric"]
+        from ncsn.callbacks import quality_key_in
+
+        return quality_key_in(self.metrics)
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -147,7 +165,8 @@ def read_job(path: Path) -> Job:
             job.error = f"unreadable error.txt: {exc}"
     if job.error is None and job.record is None:
         job.error = NO_METRICS
-    job.sigmas = _sigmas_from_config(path / "checkpoints" / "config.yaml")
+    curve = (job.record or {}).get("per_sigma") or {}
+    job.sigmas = curve.get("sigma") or _sigmas_from_config(path / "checkpoints" / "config.yaml")
     job.sample_png = latest_sample_png(path)
     return job
 
@@ -193,11 +212,22 @@ def _num(value: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def ranking_key(jobs: list[Job]) -> str:
+    """What the sweep is ranked by: the sample-quality metric when the jobs logged one (the key most ok jobs
+    have), else ``val/loss``. Lower is better for both."""
+    keys = [j.quality_key for j in jobs if j.ok and j.quality_key]
+    return max(set(keys), key=keys.count) if keys else "val/loss"
+
+
 def build_rows(jobs: list[Job], swept: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
     n_levels = max((len(j.per_sigma_losses()) for j in jobs), default=0)
     has_fid = any("val/fid" in j.metrics for j in jobs)
-    columns = ["job", *swept, "status", "val/loss", "val/zero_output_loss", "val/loss_to_zero_output",
-               "val/output_ms", "train/grad_norm", "collapse",
+    rank_by = ranking_key(jobs)
+    quality_cols = sorted({k for j in jobs for k in j.metrics if k.startswith("quality/")},
+                          key=lambda k: (k != rank_by, k))
+    band_cols = sorted({k for j in jobs for k in j.metrics if k.startswith("val/loss_band_")})
+    columns = ["job", *swept, "status", "rank", *quality_cols, "val/loss", "val_ema/loss", "val/zero_output_loss",
+               "val/loss_to_zero_output", "val/output_ms", "train/grad_norm", "collapse", *band_cols,
                *[f"val/loss_sigma_{i}" for i in range(n_levels)]]
     columns += (["val/fid"] if has_fid else []) + ["train/loss", "images_per_second", "global_step",
                                                    "train_seconds", "error", "dir"]
@@ -209,8 +239,8 @@ def build_rows(jobs: list[Job], swept: list[str]) -> tuple[list[str], list[dict[
         row: dict[str, Any] = {"job": job.num if job.num is not None else job.path.name}
         row.update({k: ov.get(k, "") for k in swept})
         row["status"] = "ok" if job.ok else "failed"
-        row["val/loss"] = _num(m.get("val/loss"))
-        for key in ("val/zero_output_loss", "val/loss_to_zero_output", "val/output_ms", "train/grad_norm"):
+        for key in (*quality_cols, "val/loss", "val_ema/loss", "val/zero_output_loss", "val/loss_to_zero_output",
+                    "val/output_ms", "train/grad_norm", *band_cols):
             row[key] = _num(m.get(key))
         warnings = record.get("warnings") or []
         row["collapse"] = warnings[-1] if warnings else ""
@@ -225,6 +255,9 @@ def build_rows(jobs: list[Job], swept: list[str]) -> tuple[list[str], list[dict[
         row["error"] = job.error or ""
         row["dir"] = job.path.name
         rows.append({c: row.get(c) for c in columns})
+    scored = sorted((r for r in rows if r["status"] == "ok" and r.get(rank_by) is not None), key=lambda r: r[rank_by])
+    for rank, row in enumerate(scored, 1):
+        row["rank"] = rank
     return columns, rows
 
 
@@ -317,6 +350,9 @@ def plot_samples_side_by_side(path: Path, jobs: list[Job], swept: list[str], max
         ax.axis("off")
     for ax, job in zip(axes.flat, jobs, strict=False):
         label = job_label(job, swept)
+        key = job.quality_key
+        if key and _num(job.metrics.get(key)) is not None:
+            label += f"\n{key.split('/', 1)[1]} {job.metrics[key]:.4g}"
         if job.sample_png is not None:
             try:
                 img = mpimg.imread(job.sample_png)
@@ -347,11 +383,17 @@ def write_markdown(path: Path, sweep_dir: Path, jobs: list[Job], swept: list[str
     fixed = fixed_overrides([j for j in jobs if j.overrides], swept)
     if fixed:
         out.append(f"- shared overrides: `{' '.join(fixed)}`")
-    scored = [(r["val/loss"], r) for r in rows if r["status"] == "ok" and r["val/loss"] is not None]
-    if scored:
-        best = min(scored, key=lambda t: t[0])[1]
+    rank_by = ranking_key(jobs)
+    best = next((r for r in rows if r.get("rank") == 1), None)
+    if best is not None:
         values = ", ".join(f"{k}={best[k]}" for k in swept if best[k] not in ("", None))
-        out.append(f"- best val/loss: {best['val/loss']:.4g} (job {best['job']}{': ' + values if values else ''})")
+        out.append(f"- best {rank_by}: {best[rank_by]:.4g} (job {best['job']}{': ' + values if values else ''})")
+    if rank_by == "val/loss":
+        out.append("- ranked by val/loss: no job logged a sample-quality metric (callbacks.sample_grid.quality); "
+                   "val/loss is not comparable across σ schedules")
+    else:
+        out.append(f"- ranked by {rank_by} (sample quality of each job's final samples, lower is better; "
+                   "see the README's 'Sample quality' section)")
     collapsed = [r for r in rows if r.get("collapse")]
     if collapsed:
         out.append(f"- **collapsed: {len(collapsed)} job(s)** ({', '.join(str(r['job']) for r in collapsed)}): "
@@ -361,7 +403,7 @@ def write_markdown(path: Path, sweep_dir: Path, jobs: list[Job], swept: list[str
     shown = [c for c in columns if c != "dir" and (c not in level_cols or len(level_cols) <= 12)]
     out.append("| " + " | ".join(shown) + " |")
     out.append("|" + "|".join("---" for _ in shown) + "|")
-    for row in rows:
+    for row in sorted(rows, key=lambda r: (r.get("rank") is None, r.get("rank") or 0)):
         cells = [_fmt(row.get(c)).replace("|", "\\|") for c in shown]
         out.append("| " + " | ".join(cells) + " |")
     if len(level_cols) > 12:

@@ -189,6 +189,16 @@ def close_loggers(loggers: list) -> None:
             wandb.finish()
 
 
+def optimized_metric_name(name: str | None, metrics) -> str | None:
+    """``optimized_metric``, with ``auto`` resolved: the run's sample-quality key when it logged one, else
+    ``val/loss``."""
+    if name != "auto":
+        return name
+    from ncsn.callbacks import quality_key_in
+
+    return quality_key_in(metrics) or "val/loss"
+
+
 def train(cfg: DictConfig) -> float | None:
     """Train one run; return the value of ``cfg.optimized_metric`` (None if it was never logged)."""
     if cfg.get("seed") is not None:
@@ -217,8 +227,10 @@ def train(cfg: DictConfig) -> float | None:
         close_loggers(objects["loggers"])
         reset_distributed(saved_env)
 
-    metric_name = cfg.get("optimized_metric")
+    metric_name = optimized_metric_name(cfg.get("optimized_metric"), trainer.callback_metrics)
     value = trainer.callback_metrics.get(metric_name) if metric_name else None
+    if metric_name and trainer.is_global_zero:
+        log.info("optimized_metric %s = %s", metric_name, "(not logged)" if value is None else f"{float(value):.5g}")
     if trainer.is_global_zero:
         log.info("Checkpoints in %s", (run_dir / "checkpoints").resolve())
     return None if value is None else float(value)

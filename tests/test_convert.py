@@ -1,0 +1,395 @@
+"""ncsn.convert: official ermongroup/ncsn and ermongroup/ncsnv2 checkpoints into ours.
+
+The official files are built here from OUR networks (the official ones compute the same function with the same
+parameter names), renamed, ordered and wrapped as the official runners save them: ``nn.DataParallel``'s
+``module.`` prefix, ermongroup/ncsn's parameter order (its CRP blocks register their convs before their norms),
+Adam state keyed by that order, the legacy (pre-1.6) torch file format with integer Adam steps for
+ermongroup/ncsn, and for ermongroup/ncsnv2 the ``sigmas`` buffer, the epoch and step counters and the EMA
+helper's shadow dict (names without ``module.``). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, run_entry
+from hydra import compose, initialize_config_dir
+
+from ncsn.app import instantiate
+from ncsn.convert import main as convert_main
+from ncsn.sampling_app import load_model
+
+NCSN_EXP = ["experiment=mnist_paper", "model.net.ngf=8"]
+V2_EXP = ["experiment=cifar10_ncsnv2", "model.net.ngf=8"]
+ADAM_STEPS = 3
+V2_EPOCH, V2_STEP = 4, 11
+
+
+def build_model(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["paths.output_dir=/tmp/unused", *overrides])
+    return instantiate(cfg.model)
+
+
+def adam_after_steps(net: torch.nn.Module, steps: int = ADAM_STEPS, seed: int = 0) -> torch.optim.Adam:
+    """Adam after a few steps on random gradients: every parameter gets its own moments."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        for p in net.parameters():
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    return opt
+
+
+def ermongroup_ncsn_order(names: list[str]) -> list[str]:
+    """ermongroup/ncsn's CondCRPBlock registers ``convs`` before ``norms`` (ours: norms first)."""
+    out: list[str] = []
+    for name in names:
+        if name in out:
+            continue
+        if ".crp." in name:
+            block = name.split(".crp.")[0] + ".crp."
+            members = [n for n in names if n.startswith(block)]
+            out += [n for n in members if n.startswith(block + "convs.")]
+            out += [n for n in members if not n.startswith(block + "convs.")]
+        else:
+            out.append(name)
+    return out
+
+
+def official_adam_state(net: torch.nn.Module, opt: torch.optim.Adam, order: list[str], int_steps: bool) -> dict:
+    """``opt.state_dict()`` keyed by the position of each parameter in ``order`` (the official module's)."""
+    ours = opt.state_dict()
+    our_names = [n for n, _ in net.named_parameters()]
+    position = {n: i for i, n in enumerate(order)}
+    state = {}
+    for i, entry in ours["state"].items():
+        entry = {k: v.clone() for k, v in entry.items()}
+        if int_steps:  # torch < 1.6 kept Adam's step as a Python int
+            entry["step"] = int(entry["step"])
+        state[position[our_names[i]]] = entry
+    group = {k: v for k, v in ours["param_groups"][0].items()
+             if k in ("lr", "betas", "eps", "weight_decay", "amsgrad")}
+    return {"state": state, "param_groups": [{**group, "params": list(range(len(order)))}]}
+
+
+def write_ermongroup_ncsn(path: Path, net: torch.nn.Module, opt: torch.optim.Adam, *,
+                          drop: str | None = None, add: str | None = None) -> Path:
+    """``[score.state_dict(), optimizer.state_dict()]`` as runners/anneal_runner.py saves it (legacy format)."""
+    params = dict(net.named_parameters())
+    order = ermongroup_ncsn_order(list(params))
+    state = OrderedDict((f"module.{n}", params[n].detach().clone()) for n in order if n != drop)
+    if add:
+        state[f"module.{add}"] = torch.zeros(3)
+    torch.save([state, official_adam_state(net, opt, order, int_steps=True)], path,
+               _use_new_zipfile_serialization=False)
+    return path
+
+
+def write_ermongroup_ncsnv2(path: Path, net: torch.nn.Module, opt: torch.optim.Adam, sigmas: torch.Tensor,
+                            shadow: dict[str, torch.Tensor] | None) -> Path:
+    """``[score.state_dict(), optimizer.state_dict(), epoch, step, (ema_helper.state_dict())]`` as
+    runners/ncsn_runner.py saves it: the ``sigmas`` buffer first, EMA names without ``module.``."""
+    state = OrderedDict([("module.sigmas", sigmas.clone())])
+    state.update((f"module.{n}", p.detach().clone()) for n, p in net.named_parameters())
+    order = [n for n, _ in net.named_parameters()]
+    items = [state, official_adam_state(net, opt, order, int_steps=False), V2_EPOCH, V2_STEP]
+    if shadow is not None:
+        items.append(shadow)
+    torch.save(items, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ncsn_source(tmp_path_factory):
+    """An ermongroup/ncsn file of an NCSN (MNIST, ngf 8, L = 10), with its network and Adam."""
+    torch.manual_seed(0)
+    net = build_model(*NCSN_EXP).net
+    opt = adam_after_steps(net)
+    path = write_ermongroup_ncsn(tmp_path_factory.mktemp("official") / "checkpoint.pth", net, opt)
+    return path, net, opt
+
+
+@pytest.fixture(scope="module")
+def ncsnv2_source(tmp_path_factory):
+    """An ermongroup/ncsnv2 file of an NCSNv2 (CIFAR-10, ngf 8, σ 50 -> 0.01, L = 232) with EMA weights."""
+    torch.manual_seed(1)
+    model = build_model(*V2_EXP)
+    net = model.net
+    opt = adam_after_steps(net, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    shadow = {n: p.detach() + 0.05 * torch.randn(p.shape, generator=gen) for n, p in net.named_parameters()}
+    path = write_ermongroup_ncsnv2(tmp_path_factory.mktemp("official") / "checkpoint_11.pth", net, opt,
+                                   model.sigmas, shadow)
+    return path, net, opt, shadow, model.sigmas
+
+
+def run_convert(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """``python -m ncsn.convert args...`` as a user runs it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "-m", "ncsn.convert", *args], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=cwd, check=False)
+
+
+def convert_in_process(capsys, *args: str) -> tuple[int, str, str]:
+    try:
+        convert_main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def net_state(state: dict) -> dict:
+    return {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+
+
+def assert_moments_by_name(ckpt: dict, net: torch.nn.Module, opt: torch.optim.Adam, steps: int) -> None:
+    """Every parameter's Adam moments in the converted checkpoint are the source's for THAT parameter."""
+    state = ckpt["optimizer_states"][0]["state"]
+    names = [n for n, _ in net.named_parameters()]  # ScoreModel's parameters are net.* in this order
+    assert sorted(state) == list(range(len(names)))
+    for index, (name, param) in enumerate(net.named_parameters()):
+        assert torch.equal(state[index]["exp_avg"], opt.state[param]["exp_avg"]), name
+        assert torch.equal(state[index]["exp_avg_sq"], opt.state[param]["exp_avg_sq"]), name
+        assert int(state[index]["step"]) == steps
+
+
+def max_abs_diff(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor, levels: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((a(x, levels) - b(x, levels)).abs().max())
+
+
+# ---------------------------------------------------------------------------------------------- round trips
+def test_ermongroup_ncsn_file_converts_exactly_and_sample_py_draws_from_it(ncsn_source, tmp_path):
+    src, net, opt = ncsn_source
+    out = tmp_path / "ncsn_mnist.ckpt"
+    result = run_convert(str(src), *NCSN_EXP, f"out={out}")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Adam's step count" in result.stdout and f"global_step {ADAM_STEPS}" in result.stdout
+
+    ckpt = load(out)
+    expected = build_model(*NCSN_EXP).state_dict()
+    assert list(ckpt["state_dict"]) == list(expected)  # ScoreModel keys: sigmas + net.*
+    assert all(torch.equal(ckpt["state_dict"][k], ckpt["current_model_state"][k]) for k in expected)  # no EMA
+    assert ckpt["global_step"] == ADAM_STEPS and ckpt["ncsn_config"]["run_name"] == "mnist_paper"
+    assert ckpt["ncsn_config"]["model"]["net"]["ngf"] == 8 and ckpt["lr_schedulers"] == []
+    assert int(ckpt["averaging_state"]["n_averaged"]) == 0
+    assert ckpt["ncsn_converted_from"]["format"] == "ermongroup/ncsn"
+    assert_moments_by_name(ckpt, net, opt, ADAM_STEPS)
+
+    model, _ = load_model(out)
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    levels = torch.tensor([0, 3, 6, 9])
+    assert max_abs_diff(model.net, net, x, levels) == 0.0
+
+    run_dir = tmp_path / "samples"
+    result = run_entry("sample.py", f"ckpt_path={out}", "num_samples=4", "batch_size=4", "sampler.n_steps_each=1",
+                       "progress=false", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    samples = np.load(run_dir / "samples.npz")["samples"]
+    assert samples.shape == (4, 28, 28, 1) and samples.std() > 0
+
+
+def test_adam_moments_follow_the_parameter_names_not_positions(ncsn_source, tmp_path, capsys):
+    """ermongroup/ncsn's parameter order differs from ours in every CRP block: the moments must move with it."""
+    src, net, opt = ncsn_source
+    names = [n for n, _ in net.named_parameters()]
+    official = ermongroup_ncsn_order(names)
+    moved = [n for i, n in enumerate(official) if names[i] != n]
+    assert moved and all(".crp." in n for n in moved)  # the test file really has the official order
+    code, _, err = convert_in_process(capsys, str(src), *NCSN_EXP, f"out={tmp_path / 'c.ckpt'}", "step=500")
+    assert code == 0, err
+    ckpt = load(tmp_path / "c.ckpt")
+    assert ckpt["global_step"] == 500  # step= wins over Adam's count
+    assert_moments_by_name(ckpt, net, opt, ADAM_STEPS)
+
+
+def test_converted_checkpoint_inpaints_from_the_data_of_its_experiment(ncsn_source, tmp_path):
+    """mode=inpaint reads the validation images through the data config stored in the converted checkpoint."""
+    from ncsn.convert import convert
+    from ncsn.sampling_app import sample
+
+    out = convert(ncsn_source[0], NCSN_EXP, tmp_path / "c.ckpt", echo=lambda *_: None)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("sample", overrides=[f"ckpt_path={out}", f"paths.output_dir={tmp_path / 'inpaint'}",
+                                           "mode=inpaint", "inpaint.num=2", "inpaint.num_completions=2",
+                                           "sampler.n_steps_each=1", "progress=false"])
+    files = sample(cfg)
+    arrays = np.load(files["array"])
+    assert arrays["completions"].shape == (4, 28, 28, 1) and arrays["originals"].shape == (2, 28, 28, 1)
+    left = arrays["completions"].reshape(2, 2, 28, 28, 1)[:, :, :, :14].astype(int)
+    assert np.abs(left - arrays["originals"][:, None, :, :14].astype(int)).max() <= 1  # the known half kept
+
+
+def test_ermongroup_ncsnv2_file_places_ema_and_raw_weights_and_sample_py_draws(ncsnv2_source, tmp_path, capsys):
+    src, net, opt, shadow, sigmas = ncsnv2_source
+    out = tmp_path / "v2.ckpt"
+    code, stdout, err = convert_in_process(capsys, str(src), *V2_EXP, f"out={out}")
+    assert code == 0, err
+    assert "sigma list matches" in stdout and "EMA weights found" in stdout
+
+    ckpt = load(out)
+    assert ckpt["global_step"] == V2_STEP and ckpt["epoch"] == V2_EPOCH + 1
+    ema, raw = net_state(ckpt["state_dict"]), net_state(ckpt["current_model_state"])
+    for name, param in net.named_parameters():
+        assert torch.equal(ema[name], shadow[name]) and torch.equal(raw[name], param.detach()), name
+    assert torch.equal(ckpt["state_dict"]["sigmas"], sigmas)
+    assert int(ckpt["averaging_state"]["n_averaged"]) == V2_STEP
+    assert {"latest_update_step": V2_STEP} in ckpt["callbacks"].values()
+    assert_moments_by_name(ckpt, net, opt, ADAM_STEPS)
+
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    levels = torch.tensor([0, 100, 231])
+    raw_model, _ = load_model(out, use_ema=False)
+    assert max_abs_diff(raw_model.net, net, x, levels) == 0.0
+    ema_net = build_model(*V2_EXP).net
+    ema_net.load_state_dict(shadow)
+    ema_model, _ = load_model(out)  # use_ema=True, as sample.py by default
+    assert max_abs_diff(ema_model.net, ema_net, x, levels) == 0.0
+
+    run_dir = tmp_path / "samples"
+    result = run_entry("sample.py", f"ckpt_path={out}", "num_samples=2", "batch_size=2", "sampler.n_steps_each=1",
+                       "progress=false", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert np.load(run_dir / "samples.npz")["samples"].shape == (2, 32, 32, 3)
+
+
+def test_ermongroup_ncsnv2_file_without_ema_uses_the_raw_weights(ncsnv2_source, tmp_path, capsys):
+    _, net, opt, _, sigmas = ncsnv2_source
+    no_ema = write_ermongroup_ncsnv2(tmp_path / "checkpoint.pth", net, opt, sigmas, shadow=None)
+    code, _, err = convert_in_process(capsys, str(no_ema), *V2_EXP, f"out={tmp_path / 'o.ckpt'}")
+    assert code == 0, err
+    ckpt = load(tmp_path / "o.ckpt")
+    for name, param in net.named_parameters():
+        assert torch.equal(net_state(ckpt["state_dict"])[name], param.detach())
+        assert torch.equal(net_state(ckpt["current_model_state"])[name], param.detach())
+    assert int(ckpt["averaging_state"]["n_averaged"]) == 0
+
+
+# ---------------------------------------------------------------------------------------------- mistakes
+ERROR_CASES = {
+    "sigma_mismatch": ("v2", [*V2_EXP, "sigmas.num_scales=200"], "sigma list"),
+    "shape_mismatch": ("ncsn", ["experiment=mnist_paper", "model.net.ngf=16"],
+                       "begin_conv.weight is [8, 1, 3, 3] in the file but [16, 1, 3, 3]"),
+    "other_network": ("ncsn", V2_EXP, "the file holds a noise-conditional NCSN"),
+    "missing_tensor": ("missing", NCSN_EXP, "lacks 1 tensor(s) the network has (first: end_conv.bias)"),
+    "extra_tensor": ("extra", NCSN_EXP, "has 1 tensor(s) the network lacks (first: extra.weight)"),
+    "deeper_network": ("deeper", NCSN_EXP, "NCSNv2Deeper / NCSNv2Deepest"),
+    "missing_ema_tensor": ("v2_ema_missing", V2_EXP, "the file's EMA helper lacks 1 tensor"),
+    "text_file": ("text", NCSN_EXP, "is not an official ncsn/ncsnv2 checkpoint (torch.load cannot read it"),
+    "other_torch_file": ("dict", NCSN_EXP, "is not an official ncsn/ncsnv2 checkpoint (a dict with keys weights"),
+    "already_ours": ("ours", NCSN_EXP, "is already an ncsn checkpoint"),
+    "no_experiment": ("ncsn", ["model.net.ngf=8"], "pass experiment=NAME"),
+    "unknown_experiment": ("ncsn", ["experiment=imagenet"], "unknown experiment 'imagenet'"),
+    "out_exists": ("ncsn", NCSN_EXP, "already exists and is never overwritten"),
+    "missing_source": ("nothing", NCSN_EXP, "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERROR_CASES))
+def test_every_mismatch_is_one_line_exit_2_and_nothing_written(case, ncsn_source, ncsnv2_source, tmp_path, capsys):
+    kind, overrides, expected = ERROR_CASES[case]
+    _, net, opt = ncsn_source
+    src = tmp_path / "checkpoint.pth"
+    if kind == "ncsn":
+        src = ncsn_source[0]
+    elif kind == "v2":
+        src = ncsnv2_source[0]
+    elif kind == "missing":
+        write_ermongroup_ncsn(src, net, opt, drop="end_conv.bias")
+    elif kind == "extra":
+        write_ermongroup_ncsn(src, net, opt, add="extra.weight")
+    elif kind == "deeper":  # the LSUN / FFHQ networks have a fifth encoder stage
+        write_ermongroup_ncsn(src, net, opt, add="res5.0.conv1.weight")
+    elif kind == "v2_ema_missing":
+        _, v2_net, v2_opt, shadow, sigmas = ncsnv2_source
+        write_ermongroup_ncsnv2(src, v2_net, v2_opt, sigmas, {k: v for k, v in list(shadow.items())[1:]})
+    elif kind == "text":
+        src.write_text("not a checkpoint\n")
+    elif kind == "dict":
+        torch.save({"weights": torch.zeros(2)}, src)
+    elif kind == "ours":
+        torch.save({"state_dict": {}, "ncsn_config": {}}, src)
+    out = tmp_path / "out" / "converted.ckpt"
+    if case == "out_exists":
+        out.parent.mkdir()
+        out.write_bytes(b"an earlier file")
+    code, _, err = convert_in_process(capsys, str(src), *overrides, f"out={out}")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert expected in lines[0]
+    if case == "out_exists":
+        assert out.read_bytes() == b"an earlier file"
+    else:
+        assert not out.exists()
+    assert not out.with_name(out.name + ".part").exists()
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path):
+    bad = tmp_path / "notes.pth"
+    bad.write_text("hello")
+    result = run_convert(str(bad), *NCSN_EXP, f"out={tmp_path / 'o.ckpt'}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in result.stderr
+    assert not (tmp_path / "o.ckpt").exists()
+
+
+# ---------------------------------------------------------------------------------------------- fine-tuning
+@pytest.mark.slow
+@pytest.mark.parametrize("official", ["ncsn", "ncsnv2"])
+def test_train_py_fine_tunes_a_converted_checkpoint_from_the_official_step(official, tmp_path):
+    """train.py ckpt_path=<converted> continues at the official step with the official Adam moments (and, for
+    NCSNv2, the official EMA) on real-format CIFAR-10 files."""
+    from fakes import write_cifar
+
+    data = tmp_path / "data"
+    write_cifar(data, per_batch=4, n_test=4)
+    experiment = ["experiment=cifar10_paper", "model.net.ngf=8"] if official == "ncsn" else V2_EXP
+    torch.manual_seed(5)
+    model = build_model(*experiment, f"paths.data_dir={data}")
+    opt = adam_after_steps(model.net)
+    if official == "ncsn":
+        src = write_ermongroup_ncsn(tmp_path / "checkpoint.pth", model.net, opt)
+        start = ADAM_STEPS
+    else:
+        shadow = {n: p.detach() + 0.01 for n, p in model.net.named_parameters()}
+        src = write_ermongroup_ncsnv2(tmp_path / "checkpoint.pth", model.net, opt, model.sigmas, shadow)
+        start = V2_STEP
+    converted = tmp_path / "converted.ckpt"
+    result = run_convert(str(src), *experiment, f"out={converted}")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+    run_dir = tmp_path / "run"
+    result = run_entry(
+        "train.py", *experiment, f"ckpt_path={converted}", f"trainer.max_steps={start + 2}", "trainer.accelerator=cpu",
+        f"paths.data_dir={data}", "++data.verify_checksums=false", "data.batch_size=4", "data.num_workers=0",
+        "data.pin_memory=false", "trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0",
+        "logger=csv", "callbacks.progress_bar=null", "callbacks.sample_grid=null", f"hydra.run.dir={run_dir}",
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    after = load(run_dir / "checkpoints" / "last.ckpt")
+    assert after["global_step"] == start + 2
+    adam_steps = {int(s["step"]) for s in after["optimizer_states"][0]["state"].values()}
+    assert adam_steps == {ADAM_STEPS + 2}, "Adam continues from the official moments"
+    if official == "ncsnv2":
+        assert int(after["averaging_state"]["n_averaged"]) == V2_STEP + 2
+        ema = net_state(after["state_dict"])
+        raw = net_state(after["current_model_state"])
+        assert not torch.equal(ema["begin_conv.weight"], raw["begin_conv.weight"])
