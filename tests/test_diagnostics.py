@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import TINY, run_entry
 
@@ -80,6 +81,7 @@ HEALTH_RUN = ["experiment=cpu", "trainer.max_time=null", "trainer.max_steps=120"
               "callbacks.progress_bar=null", "logger=csv"]
 
 
+@pytest.mark.slow
 def test_a_healthy_run_with_ema_from_step_zero_is_not_flagged_and_a_collapsed_one_is(tmp_path):
     healthy = tmp_path / "healthy"
     result = run_entry("train.py", *HEALTH_RUN, f"hydra.run.dir={healthy}")

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import io
+import time
+from datetime import timedelta
+from types import SimpleNamespace
+
 import lightning as L
 import pytest
 import torch
 from conftest import ROOT
 from hydra import compose, initialize_config_dir
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import Timer, TQDMProgressBar
 from torch.utils.data import DataLoader, TensorDataset
 
 from ncsn.app import instantiate
-from ncsn.progress import StepProgressBar
+from ncsn.progress import StepProgressBar, _StepTqdm, time_limited_total
 
 
 class Tiny(L.LightningModule):
@@ -149,3 +154,73 @@ def test_a_loss_logged_without_prog_bar_is_still_shown(tmp_path):
     trainer.fit(QuietLoss(), three_batches())
     assert "train/loss=" in str(bar.train_progress_bar)
     assert "train/loss=" not in str(StepProgressBar(metrics=()).get_metrics(trainer, trainer.lightning_module))
+
+
+# ------------------------------------------------------------------------------------------------ max_time
+
+def test_time_limited_total_is_where_max_time_stops_the_run_when_that_comes_first():
+    # 100 steps in 10 s: 10 step/s. 4,500 steps left = 450 s, but max_time leaves 50 s: stops near step 600
+    assert time_limited_total(step=100, initial=0, elapsed=10.0, time_left=50.0, max_steps=4600) == 600
+    assert time_limited_total(step=100, initial=0, elapsed=10.0, time_left=50.0, max_steps=300) is None  # 20 s
+    assert time_limited_total(step=150, initial=100, elapsed=10.0, time_left=50.0, max_steps=4600) == 400  # resumed
+    assert time_limited_total(step=100, initial=0, elapsed=10.0, time_left=None, max_steps=4600) is None
+    assert time_limited_total(step=0, initial=0, elapsed=10.0, time_left=50.0, max_steps=4600) is None  # no rate
+
+
+class FixedTimer(Timer):
+    """max_time 11:30 with ``left`` seconds remaining (a Timer's clock, without the waiting)."""
+
+    def __init__(self, left: float) -> None:
+        super().__init__(duration="00:00:11:30")
+        self.left = left
+
+    def time_remaining(self, stage="train") -> float:
+        return self.left
+
+    def time_elapsed(self, stage="train") -> float:
+        return 690.0 - self.left
+
+
+@pytest.mark.parametrize("left, total, eta, note", [
+    (50.0, 600, "<00:50", "stops at max_time 11:30"),  # max_time first: its 50 s, not 4,500 steps at 10 step/s
+    (1000.0, 4600, "<07:30", None),  # max_steps first: 4,500 steps at 10 step/s
+])
+def test_bar_total_and_eta_honour_max_time(left, total, eta, note):
+    bar = StepProgressBar(interactive=False)
+    bar._trainer = SimpleNamespace(callbacks=[FixedTimer(left)], max_steps=4600, current_epoch=3, global_step=100)
+    tqdm_bar = _StepTqdm(total=4600, initial=0, file=io.StringIO(), bar_format=bar.BAR_FORMAT, unit="step")
+    tqdm_bar._time = lambda: 10.0  # 10 s since the bar started at 0 (tqdm's clock)
+    tqdm_bar.start_t = 0.0
+    tqdm_bar.n = 100
+    bar._apply_time_limit(bar.trainer, tqdm_bar, 100)
+    shown = str(tqdm_bar)
+    assert tqdm_bar.total == total and f"100/{total} [00:10{eta}" in shown, shown
+    if note:
+        assert shown.startswith(f"Training (epoch 3, {note})")
+    else:
+        assert "max_time" not in shown
+
+
+class Slow(Tiny):
+    def training_step(self, batch, batch_idx):
+        time.sleep(0.01)  # at most 100 step/s: max_steps would take hours, max_time ends the run
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_run_ended_by_max_time_says_so_on_its_bar(tmp_path, capsys):
+    bar = CountingBar(refresh_rate=5, log_interval_s=0)
+    trainer = L.Trainer(max_steps=10**6, max_time=timedelta(seconds=2), max_epochs=-1, callbacks=[bar], logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, accelerator="cpu",
+                        default_root_dir=tmp_path)
+    trainer.fit(Slow(), three_batches())
+    step = trainer.global_step
+    assert 0 < step < 10**6
+    lines = [line for line in capsys.readouterr().out.splitlines() if "step/s" in line]
+    middle, last = lines[1:-1], lines[-1]  # the first (0/1000000) has no rate yet
+    assert middle and all("stops at max_time 00:02" in line for line in middle), lines
+    totals = [int(line.split("|")[-1].split()[0].split("/")[1]) for line in middle]
+    assert all(t < 10**6 for t in totals), totals  # the step it will stop at, not max_steps
+    etas = [line.split("<")[1].split(",")[0] for line in middle]
+    assert all(e in ("00:00", "00:01", "00:02") for e in etas), etas  # max_time - elapsed, not hours of steps
+    assert "stopped at max_time 00:02, max_steps 1000000): 100%" in last and f"{step}/{step} [" in last, last
+    assert sum(f"{step}/{step} [" in line for line in lines) == 1, "the last line is written once"

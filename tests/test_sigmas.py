@@ -1,8 +1,15 @@
+import ast
+import functools
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import ncsn.sigmas
 from ncsn.errors import ConfigError
 from ncsn.sigmas import (
     explicit_sigmas,
@@ -94,3 +101,48 @@ def test_suggest_schedule_from_data_prints_overrides():
     assert math.isclose(s.technique2, technique2_value(s.ratio, 64))
     o = s.overrides()
     assert f"sigmas.num_scales={s.num_scales}" in o and "sampler.step_lr=" in o
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+
+def _imports(path: Path) -> tuple[set[str], set[str]]:
+    """The modules ``path`` imports at module level, and anywhere (in functions, ``if __name__`` blocks...)."""
+    tree = ast.parse(path.read_text())
+
+    def names(nodes) -> set[str]:
+        found = set()
+        for node in nodes:
+            if isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module)
+        return found
+
+    return names(tree.body), names(ast.walk(tree))
+
+
+def test_sigmas_and_its_command_line_do_not_import_each_other():
+    src = Path(ncsn.sigmas.__file__).parent
+    _, sigmas_anywhere = _imports(src / "sigmas.py")
+    cli_top, _ = _imports(src / "schedule_cli.py")
+    assert not any(name.startswith("ncsn.schedule_cli") for name in sigmas_anywhere)  # it runs the CLI, by runpy
+    assert "ncsn.sigmas" not in cli_top  # the CLI imports the schedules only when it computes one
+    code = "import sys, ncsn.{}; print(sorted(m for m in sys.modules if m in ('ncsn.sigmas', 'ncsn.schedule_cli')))"
+    for module, loaded in (("sigmas", "['ncsn.sigmas']"), ("schedule_cli", "['ncsn.schedule_cli']")):
+        out = subprocess.run([sys.executable, "-c", code.format(module)], capture_output=True, text=True,
+                             check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.strip()
+        assert out == loaded
+
+
+def test_python_m_ncsn_sigmas_suggest_still_works(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = functools.partial(subprocess.run, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600,
+                            check=False)
+    ok = run([sys.executable, "-W", "error::RuntimeWarning", "-m", "ncsn.sigmas", "suggest", "data=mnist_bundled",
+              "steps_each=5"])
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "over 4500 of 4500 training points" in ok.stdout and "L (num_scales)" in ok.stdout
+    last = ok.stdout.strip().splitlines()[-1]
+    assert last.startswith("sigmas=geometric sigmas.sigma_max=") and "sampler.n_steps_each=5" in last
+    bad = run([sys.executable, "-m", "ncsn.sigmas", "suggest", "data=imagenet"])
+    assert bad.returncode == 2 and bad.stderr.startswith("error: unknown data 'imagenet'"), bad.stderr

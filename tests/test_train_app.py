@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
+import shlex
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -135,3 +140,39 @@ def test_global_batch_not_divisible_by_devices_is_one_line(tmp_path):
                        f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode != 0
     assert "not divisible by 2" in result.stderr + result.stdout
+
+
+def test_the_last_lines_name_the_grid_and_checkpoint_and_a_sampling_command_that_runs(tmp_path):
+    run = tmp_path / "run"
+    result = run_entry("train.py", *TINY, "logger=none", f"hydra.run.dir={run}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-4:]
+    ckpt = run.resolve() / "checkpoints" / "last.ckpt"
+    assert last[0] == f"samples grid:   {run.resolve() / 'samples' / 'step_0000004.png'}", result.stdout[-2000:]
+    assert re.fullmatch(r"sample quality: quality/fd_ratio [\d.]+ \(final samples; lower is better\)", last[1]), last
+    assert last[2] == f"checkpoint:     {ckpt}" and ckpt.is_file()
+    prefix, _, command = last[3].partition(": ")
+    assert prefix == "sample from it" and command.endswith(f"sample.py ckpt_path={ckpt} num_samples=256"), last
+    argv = shlex.split(command)
+    assert argv[0] in ("python", ".venv/bin/python", sys.executable), argv  # runnable from the repository root
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    sampled = subprocess.run([*argv, "num_samples=2", "sampler.n_steps_each=1", "progress=false",
+                              f"hydra.run.dir={tmp_path / 'sampled'}"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=600, check=False)
+    assert sampled.returncode == 0, sampled.stdout[-3000:] + sampled.stderr[-3000:]
+    assert (tmp_path / "sampled" / "samples.png").is_file()
+    console = result.stdout + result.stderr
+    for noise in ("INFO: ", "💡 Tip", "LeafSpec", "does not have many workers"):
+        assert noise not in console, noise
+    assert console.count("`Trainer.fit` stopped: `max_steps=4` reached.") == 1  # printed once (not Lightning's copy)
+    assert "`Trainer.fit` stopped: `max_steps=4` reached." in (run / "train.log").read_text()  # and in the file log
+
+
+def test_the_wandb_logger_does_not_pass_the_anonymous_setting_wandb_warns_about(tmp_path):
+    from lightning.pytorch.loggers import WandbLogger
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["logger=wandb", f"paths.output_dir={tmp_path}"])
+    logger = instantiate(cfg.logger.wandb)
+    assert isinstance(logger, WandbLogger) and logger._wandb_init["project"] == "ncsn"
+    assert "anonymous" not in logger._wandb_init  # Lightning passes anonymous=None; wandb warns for any value

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -110,6 +111,73 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
             raise UserError(f"config entry '{name}' needs a _target_ (got {OmegaConf.to_yaml(entry).strip()})")
         objects.append(instantiate(entry))
     return objects
+
+
+# ---------------------------------------------------------------------------------------------- console
+# Warnings this app's user cannot act on: each is caused inside an installed library (the versions pinned in
+# pyproject.toml), not by a setting. Matched by category and the start of the message; anything else still shows.
+UNACTIONABLE_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
+    # reason: Lightning 2.6's own pytree helper (lightning/pytorch/utilities/_pytree.py) builds a LeafSpec,
+    # which the installed torch deprecates; nothing in this project or its config calls it
+    (FutureWarning, "`isinstance(treespec, LeafSpec)` is deprecated"),
+    # reason: only the in-memory datasets (mnist_bundled, toy_gmm: tensors already in RAM) run with fewer than 2
+    # loader workers, by choice: a worker would add process start-up and IPC and no speed; the file-backed
+    # datasets set num_workers in conf/data/
+    (UserWarning, "The 'train_dataloader' does not have many workers"),
+    (UserWarning, "The 'val_dataloader' does not have many workers"),
+)
+LITLOGGER_TIP = "💡 Tip: For seamless cloud logging"  # Lightning 2.6 logs it on every Trainer without a LitLogger
+
+
+def _not_the_litlogger_tip(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(LITLOGGER_TIP)
+
+
+def quiet_console() -> None:
+    """One console line per log record, and no warning the user cannot act on. Called by the entry points
+    before Hydra runs the task.
+
+    * ``import lightning`` attaches its own stderr handler (``INFO: ...``) to the ``lightning`` logger, and
+      ``lightning.pytorch`` / ``lightning.fabric`` attach one more (and stop propagation) when the root logger
+      has no handler yet, which is the case before Hydra's job logging. Their records also reach the root
+      logger, which Hydra's job logging (conf/hydra/default.yaml) gives a console and a file handler, so every
+      Lightning line was printed twice. Here those handlers go and propagation is back on: each Lightning line
+      goes once to the console and once to ``<run dir>/train.log``, formatted as every other line.
+    * the warnings in :data:`UNACTIONABLE_WARNINGS` and Lightning's "try litlogger" tip are dropped.
+    """
+    import warnings
+
+    import lightning  # noqa: F401 - imported here so that its handlers exist before they are removed
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True
+    tip_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _not_the_litlogger_tip not in tip_logger.filters:
+        tip_logger.addFilter(_not_the_litlogger_tip)
+    inherited = [opt for opt in os.environ.get("PYTHONWARNINGS", "").split(",") if opt]
+    for category, message in UNACTIONABLE_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(message), category=category)
+        # processes started by spawning (trainer=ddp_sim's workers) do not run this function: they read the same
+        # filters from PYTHONWARNINGS (the -W syntax: a literal start of the message, up to a comma)
+        option = f"ignore:{message.split(',')[0]}:{category.__name__}"
+        if option not in inherited:
+            inherited.append(option)
+    os.environ["PYTHONWARNINGS"] = ",".join(inherited)
+
+
+def wandb_logger(**kwargs: Any):
+    """Lightning's ``WandbLogger`` (conf/logger/wandb.yaml), less the ``anonymous=None`` it always passes to
+    ``wandb.init``: wandb >= 0.19 warns "The anonymous setting has no effect" for any value of it, None
+    included, although no one set it."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(**kwargs)
+    if logger._wandb_init.get("anonymous") is None:
+        logger._wandb_init.pop("anonymous", None)
+    return logger
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -229,6 +297,7 @@ def run_entry_point(main: Callable[[], Any], conf_dir, argv: list[str], pick_exp
     """Pre-check the command line (one clear line and exit 2 on a mistake), then run the Hydra main.
     ``pick_experiment``: choose the GPU or CPU recipe when no experiment is given (train.py)."""
     if os.environ.get("LOCAL_RANK", "0") != "0":  # a DDP child re-launched by Lightning: already checked
+        quiet_console()
         main()
         return
     if pick_experiment:
@@ -241,4 +310,5 @@ def run_entry_point(main: Callable[[], Any], conf_dir, argv: list[str], pick_exp
             raise
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
+    quiet_console()
     main()

@@ -158,7 +158,7 @@ class SampleGridCallback(L.Callback):
         self.quality_history.append({"step": step, **values})
         for logger in trainer.loggers:
             logger.log_metrics(values, step=step)
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
+        trainer.callback_metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()})
         log.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
 
 

@@ -11,8 +11,8 @@ resumes, validates and runs under DDP:
   weights being trained, so every checkpoint, whenever it is written, has ``state_dict`` = EMA and
   ``current_model_state`` = raw, and validation (``val/loss``, the collapse check) measures the trained weights.
   The average's own validation loss is logged beside it as ``val_ema/loss`` (same data, same noise).
-* **Picklable** (``ddp_spawn`` pickles the callbacks): the EMA update is a module-level function, not the
-  local closure ``torch.optim.swa_utils.get_ema_avg_fn`` returns.
+* **Picklable and fast** (``ddp_spawn`` pickles the callbacks): the EMA update is a module-level foreach
+  function, not the local closure ``torch.optim.swa_utils.get_ema_avg_fn`` returns.
 * **Raw weights in ``state_dict`` before the EMA has started.** Until the first update
   (``update_starting_at_step``) the average is the initial random network; checkpoints hold the raw weights
   as ``state_dict`` then, so sampling from them does not draw from an untrained network.
@@ -32,10 +32,16 @@ import torch
 from lightning.pytorch.callbacks import WeightAveraging
 
 
-def ema_update(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor, *, decay: float
-               ) -> torch.Tensor:
-    """One EMA step, ``decay * averaged + (1 - decay) * current`` (``AveragedModel``'s ``avg_fn`` signature)."""
-    return decay * averaged + (1.0 - decay) * current
+def ema_update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor, *,
+               decay: float) -> None:
+    """One EMA step over lists of tensors, in place: ``averaged ← decay · averaged + (1 − decay) · current``, as
+    one foreach kernel per dtype group (``AveragedModel``'s ``multi_avg_fn``; its per-tensor ``avg_fn`` path
+    costs a few Python ops per tensor every step). Integer buffers are copied."""
+    if torch.is_floating_point(averaged[0]) or torch.is_complex(averaged[0]):
+        torch._foreach_lerp_(averaged, current, 1.0 - decay)
+    else:
+        for a, c in zip(averaged, current, strict=True):
+            a.copy_(c)
 
 
 def ema_started(callback: WeightAveraging) -> bool:
@@ -64,7 +70,7 @@ class EMA(WeightAveraging):
 
             raise ConfigError(f"callbacks.ema.decay must be in [0, 1] (got {decay})")
         super().__init__(device=device, use_buffers=use_buffers,
-                         avg_fn=functools.partial(ema_update, decay=float(decay)))
+                         multi_avg_fn=functools.partial(ema_update, decay=float(decay)))
         self.decay = float(decay)
         self.update_every_n_steps = int(update_every_n_steps)
         self.update_starting_at_step = update_starting_at_step

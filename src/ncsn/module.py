@@ -124,6 +124,17 @@ class ScoreModel(L.LightningModule):
         fast = self._fast_forward()
         return score_function(self.net if fast is None else fast, self.sigmas)(x, levels)
 
+    def forward(self, x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        """The score s(x, σ_levels) (what :meth:`score_fn` computes); with :attr:`example_input_array` it lets
+        Lightning's model summary count the FLOPs of one forward."""
+        return self.score_fn(x, levels)
+
+    @property
+    def example_input_array(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One input of this model's shape at the largest σ (for the model summary's FLOP count)."""
+        return (torch.zeros(1, *self.data_shape, device=self.device),
+                torch.zeros(1, dtype=torch.long, device=self.device))
+
     # ------------------------------------------------------------------ fast path (ncsn.perf)
     def perf_settings(self, device: torch.device | str | None = None) -> PerfSettings:
         """The perf settings that apply on ``device`` (default: where the module is)."""

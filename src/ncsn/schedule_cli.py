@@ -1,4 +1,6 @@
-"""The σ-schedule helper: ``python -m ncsn.sigmas suggest data=<name> steps_each=T [key=value ...]``.
+"""The σ-schedule helper: ``python -m ncsn.sigmas suggest data=<name> steps_each=T [key=value ...]``
+(or ``python -m ncsn.schedule_cli suggest ...``: ``ncsn.sigmas`` runs this module; this module imports
+``ncsn.sigmas`` when it computes, never the other way round).
 
 Applies the NCSNv2 rules to a dataset of this project's config (``conf/data/<name>.yaml``):
 
@@ -176,3 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USER_ERROR) from None
+
+
+if __name__ == "__main__":
+    main()

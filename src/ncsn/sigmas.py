@@ -252,6 +252,8 @@ def ncsnv2_sigmas(
 
 
 if __name__ == "__main__":  # python -m ncsn.sigmas suggest data=<name> steps_each=T
-    from ncsn.schedule_cli import main
+    # The command line lives in ncsn.schedule_cli, which imports this module: run it as a script (as
+    # `python -m ncsn.schedule_cli` would) rather than import it, so that the dependency goes one way only.
+    import runpy
 
-    main()
+    runpy.run_module("ncsn.schedule_cli", run_name="__main__", alter_sys=True)

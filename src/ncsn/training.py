@@ -167,7 +167,8 @@ class FinalLastCheckpoint(L.Callback):
     """Makes ``last.ckpt`` hold the final step. Lightning only refreshes it at its periodic saves, so a run that
     stops between two (``max_time``, ``max_steps`` not a multiple of the interval) would keep older weights.
     Saved in ``on_train_end``, inside the training processes (under ``ddp_spawn`` the launching process has
-    neither the final step nor the callbacks' state), after every other callback's end-of-training hook."""
+    neither the final step nor the callbacks' state), after the other callbacks' end-of-training hooks (but
+    ModelCheckpoint's, which Lightning runs last)."""
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         callback = trainer.checkpoint_callback
@@ -175,7 +176,11 @@ class FinalLastCheckpoint(L.Callback):
             return
         if getattr(callback, "_last_global_step_saved", None) == trainer.global_step:
             return
-        trainer.save_checkpoint(str(Path(callback.dirpath) / "last.ckpt"))
+        trainer.save_checkpoint(str(Path(callback.dirpath) / "last.ckpt"), weights_only=False)
+        # tell ModelCheckpoint (which runs its on_train_end after this one) that "last" is saved at this step,
+        # or Lightning 2.6 writes a second copy as last-v1.ckpt
+        callback._last_checkpoint_saved = True
+        callback._last_global_step_saved = trainer.global_step
 
 
 def close_loggers(loggers: list) -> None:
@@ -229,8 +234,56 @@ def train(cfg: DictConfig) -> float | None:
 
     metric_name = optimized_metric_name(cfg.get("optimized_metric"), trainer.callback_metrics)
     value = trainer.callback_metrics.get(metric_name) if metric_name else None
-    if metric_name and trainer.is_global_zero:
+    if not trainer.is_global_zero:
+        return None if value is None else float(value)
+
+    # The closing lines (rank zero): the last sample grid, its quality, the checkpoint and the command that samples
+    # from it, as printed lines a user can copy.
+    import json
+    import shlex
+    import shutil
+
+    from ncsn.callbacks import SampleGridCallback
+
+    def shown(path: Path) -> str:  # relative to the working dir when inside it, else absolute
+        path = path.absolute()
+        return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+    lines = []
+    grids = sorted(p for cb in trainer.callbacks if isinstance(cb, SampleGridCallback)
+                   for p in (Path(trainer.default_root_dir) / cb.dirname).glob("step_*.png"))
+    if grids:
+        lines.append(f"samples grid:   {grids[-1].resolve()}")
+    try:  # written by the training process (under ddp_spawn this process's trainer did not train)
+        record = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        record = {}
+    quality = record.get("quality") or {}
+    last = (quality.get("history") or [{}])[-1]
+    quality_key = quality.get("metric")
+    if quality_key in last:
+        final = last.get("step") == record.get("global_step", trainer.global_step)
+        when = "final samples" if final else f"samples at step {last.get('step')}"
+        lines.append(f"sample quality: {quality_key} {last[quality_key]:.3g} ({when}; lower is better)")
+    if metric_name and (metric_name != quality_key or _in_multirun()):
         log.info("optimized_metric %s = %s", metric_name, "(not logged)" if value is None else f"{float(value):.5g}")
-    if trainer.is_global_zero:
-        log.info("Checkpoints in %s", (run_dir / "checkpoints").resolve())
+    checkpoint_callback = trainer.checkpoint_callback
+    ckpt = None
+    if checkpoint_callback is not None and getattr(checkpoint_callback, "dirpath", None):
+        ckpt = Path(checkpoint_callback.dirpath) / "last.ckpt"  # the final step (FinalLastCheckpoint)
+        if not ckpt.is_file():
+            ckpt = Path(checkpoint_callback.last_model_path) if checkpoint_callback.last_model_path else None
+    if ckpt is not None and ckpt.is_file():
+        lines.append(f"checkpoint:     {ckpt.resolve()}")
+        # `python` when it is this interpreter (an activated venv), else this interpreter's path (`make train`)
+        on_path = shutil.which("python")
+        python = ("python" if on_path and Path(on_path).absolute().parent == Path(sys.executable).absolute().parent
+                  else shown(Path(sys.executable)))
+        sample_py = next((p for p in (Path(sys.argv[0]).absolute().with_name("sample.py"), Path.cwd() / "sample.py",
+                                      Path(__file__).resolve().parents[2] / "sample.py") if p.is_file()),
+                         Path("sample.py"))
+        lines.append(f"sample from it: {python} {shown(sample_py)} ckpt_path={shlex.quote(str(ckpt.resolve()))} "
+                     "num_samples=256")
+    if lines:
+        print("\n".join(lines), flush=True)
     return None if value is None else float(value)
