@@ -354,3 +354,23 @@ def test_gmm_density_and_score_are_stable():
     assert torch.isfinite(s).all()
     assert torch.allclose(s[0], (torch.tensor([5.0, 5.0]) - far[0]) / 1.0001, rtol=1e-4)
     assert gmm_perturbed_score(torch.zeros(3, 2), torch.tensor([1.0, 2.0, 3.0])).shape == (3, 2)
+
+
+def test_bundled_digits_fetched_as_a_batch_dequantise_each_pixel_like_one_at_a_time():
+    """The DataLoader's batched fetch (UInt8ImageDataset.__getitems__) gives every pixel k a value in
+    [k/256, (k+1)/256), as the per-image transform does, with the right labels and shapes."""
+    from ncsn.data.datamodules import ImageDataModule
+
+    dm = ImageDataModule(name="mnist_bundled", batch_size=8)
+    dm.setup("fit")
+    ds = dm.train_set
+    idx = [0, 3, 17, 4499]
+    batched = ds.__getitems__(idx)
+    for (xb, lb), i in zip(batched, idx, strict=True):
+        xs, ls = ds[i]
+        assert xb.shape == xs.shape == (1, 28, 28) and xb.dtype == xs.dtype == torch.float32 and lb == ls
+        k = ds.images[i].to(torch.float32)
+        for x in (xb, xs):
+            assert torch.equal((x[0] * 256).floor(), k)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (8, 1, 28, 28) and y.shape == (8,)
