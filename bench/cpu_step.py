@@ -50,9 +50,7 @@ def plain_steps_per_second(overrides: list[str], steps: int, warmup: int, seed: 
     datamodule.setup("fit")
     train_set = datamodule.train_set
     data = torch.stack([train_set[i][0] for i in range(len(train_set))])
-    configured = model.configure_optimizers()
-    optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
-    scheduler = configured["lr_scheduler"]["scheduler"] if isinstance(configured, dict) else None
+    optimizer, scheduler = model.optimizer_and_scheduler()
     clip = cfg.trainer.get("gradient_clip_val")
     batch = int(cfg.data.batch_size)
     model.train()

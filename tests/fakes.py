@@ -107,3 +107,15 @@ class WeightsProbe(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._dump(trainer, pl_module, "end")
+
+
+def fake_inception_weights(path: Path, monkeypatch) -> None:
+    """A randomly initialised Inception state dict in torch-fidelity's format at ``path`` (no download)."""
+    import torch
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "load", lambda *a, **k: {})
+        m.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="-")
+    torch.save(net.state_dict(), path)

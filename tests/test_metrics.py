@@ -9,6 +9,7 @@ import math
 import lightning as L
 import pytest
 import torch
+from fakes import fake_inception_weights
 from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -177,17 +178,6 @@ def test_offline_without_weights_says_where_to_put_them(tmp_path, monkeypatch):
 def test_unknown_feature_is_a_config_error(bad):
     with pytest.raises(ConfigError):
         build_fid_metric(bad)
-
-
-def fake_inception_weights(path, monkeypatch):
-    """Save a randomly initialised Inception state dict in torch-fidelity's format (no download)."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    with monkeypatch.context() as m:
-        m.setattr(torch, "load", lambda *a, **k: {})
-        m.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
-        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="-")
-    torch.save(net.state_dict(), path)
 
 
 @pytest.mark.skipif(not inception_available(), reason="torch-fidelity is not installed")

@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from fakes import write_cifar
+from fakes import fake_inception_weights, write_cifar
 
 from ncsn.data import ImageDataModule, ToyDataModule
 from ncsn.data.datasets import GMM_MEANS, GMM_WEIGHTS, gmm_sample
@@ -217,17 +217,6 @@ def test_a_missing_explicit_inception_weights_file_is_an_error(tmp_path, no_ince
         pytest.skip("torch-fidelity is not installed")
     with pytest.raises(ConfigError, match="fid.inception_weights="):
         quality_metric_for(cifar(tmp_path), num_samples=4, inception_weights=tmp_path / "missing.pth")
-
-
-def fake_inception_weights(path, monkeypatch):
-    """A randomly initialised Inception state dict in torch-fidelity's format (no download)."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    with monkeypatch.context() as m:
-        m.setattr(torch, "load", lambda *a, **k: {})
-        m.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
-        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="-")
-    torch.save(net.state_dict(), path)
 
 
 @pytest.mark.skipif(not inception_available(), reason="torch-fidelity is not installed")

@@ -378,12 +378,7 @@ def build_checkpoint(official: OfficialCheckpoint, cfg, *, experiment: str, step
     epoch = official.epoch + 1 if official.epoch is not None else 0
 
     # optimizer and scheduler, built as Lightning would for this experiment
-    configured = model.configure_optimizers()
-    if isinstance(configured, dict):
-        optimizer = configured["optimizer"]
-        scheduler = configured.get("lr_scheduler", {}).get("scheduler")
-    else:
-        optimizer, scheduler = configured, None
+    optimizer, scheduler = model.optimizer_and_scheduler()
     our_names = [n for n, _ in model.named_parameters()]
     file_order = [f"net.{n}" for n in official.weights]
     optimizer_state, line = remap_optimizer_state(official.optimizer, file_order, optimizer, our_names)

@@ -79,12 +79,7 @@ def probe_learning(model, train_x: torch.Tensor, heldout_x: torch.Tensor, *, ste
 
     Returns one record per evaluation: step, held-out metrics, the last train loss, gradient norm and lr.
     """
-    configured = model.configure_optimizers()
-    if isinstance(configured, dict):
-        optimizer = configured["optimizer"]
-        scheduler = configured.get("lr_scheduler", {}).get("scheduler")
-    else:
-        optimizer, scheduler = configured, None
+    optimizer, scheduler = model.optimizer_and_scheduler()
     torch.manual_seed(seed)  # the level and noise draws of the training steps
     generator = torch.Generator().manual_seed(seed)
     checkpoints = sorted({0, *(int(s) for s in eval_at if 0 < int(s) < steps), steps})

@@ -316,6 +316,14 @@ class ScoreModel(L.LightningModule):
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def optimizer_and_scheduler(self) -> tuple[torch.optim.Optimizer, Any]:
+        """:meth:`configure_optimizers` as a pair (the scheduler None when there is none), for loops outside
+        Lightning (``ncsn.diagnostics.probe_learning``, ``ncsn.convert``, ``bench/``)."""
+        configured = self.configure_optimizers()
+        if isinstance(configured, dict):
+            return configured["optimizer"], configured.get("lr_scheduler", {}).get("scheduler")
+        return configured, None
+
     # ------------------------------------------------------------------ sampling
     def initial_samples(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         low, high = self.sampler_settings["init_low"], self.sampler_settings["init_high"]
