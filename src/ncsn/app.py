@@ -275,7 +275,7 @@ def choose_experiment(argv: list[str], cuda_available: bool, gpu_name: str = "")
                 f"(about 5 minutes on one H100); add experiment=NAME to choose another")
         return [*argv, f"experiment={GPU_EXPERIMENT}"], line
     why = f"{cpu_arg} puts training on the CPU" if cpu_arg else "no CUDA GPU found"
-    line = (f"ncsn: {why}: running experiment={CPU_EXPERIMENT}, the CPU recipe (about 12 minutes "
+    line = (f"ncsn: {why}: running experiment={CPU_EXPERIMENT}, the CPU recipe (about 10 minutes "
             f"on 2 cores), instead of the GPU recipe experiment={GPU_EXPERIMENT} (over 8 hours on a CPU); add "
             f"experiment=NAME to choose another")
     return [*argv, f"experiment={CPU_EXPERIMENT}"], line
