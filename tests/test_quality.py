@@ -83,10 +83,36 @@ def test_missing_or_altered_classifier_is_one_clear_line(tmp_path):
     assert "\n" not in message and "altered" in message and "--retrain" in message
 
 
+def _fd_to_heldout(model, split, images) -> float:
+    """Fréchet distance of ``images`` to the 500 held-out digits in ``model``'s features."""
+    real = gaussian_stats(digits.features(model, split["val_images"]))
+    return frechet_distance(gaussian_stats(digits.features(model, images)), real)
+
+
 @pytest.mark.slow
-def test_retraining_recreates_the_shipped_file(tmp_path):
-    digest, acc = digits.retrain(tmp_path / "digit_classifier.pt", verbose=False)
-    assert (digest, acc) == (digits.WEIGHTS_SHA256, digits.HELD_OUT_ACCURACY)
+def test_retraining_recreates_a_classifier_that_scores_like_the_shipped_file(tmp_path, split):
+    # Byte identity holds on one CPU kind only (AVX-512 and AVX2 kernels round differently; the sha256 differs,
+    # the accuracy does not), so this checks what the metric relies on, which holds on any CPU: the stated
+    # accuracy, and the same ranking and about the same values for real digits, sample-like digits and noise.
+    path = tmp_path / "digit_classifier.pt"
+    digest, acc = digits.retrain(path, verbose=False)
+    assert len(digest) == 64 and path.is_file()
+    assert acc >= digits.HELD_OUT_ACCURACY - 0.01, acc
+    retrained = digits.load_classifier(path, check=False)
+    shipped = digits.load_classifier()
+    g = torch.Generator().manual_seed(0)
+    real = as_images(split["train_images"][:N])
+    # stand-ins for a model's samples, fixed on any machine: real digits blurred and with pixel noise
+    blurred = torch.nn.functional.avg_pool2d(as_images(split["train_images"][N:2 * N]), 3, 1, 1)
+    samples = (blurred + 0.15 * torch.randn(blurred.shape, generator=g)).clamp(0, 1)
+    noise = torch.rand(N, 1, 28, 28, generator=g)
+    ours = [_fd_to_heldout(retrained, split, x) for x in (real, samples, noise)]
+    theirs = [_fd_to_heldout(shipped, split, x) for x in (real, samples, noise)]
+    assert ours[0] < ours[1] < ours[2] and theirs[0] < theirs[1] < theirs[2], (ours, theirs)
+    for a, b in zip(ours, theirs):
+        assert 0.5 < a / b < 2.0, (ours, theirs)  # two trainings of one recipe: same scale, not same bytes
+    agree = (digits.predict(retrained, split["val_images"]) == digits.predict(shipped, split["val_images"]))
+    assert agree.mean() > 0.97
 
 
 # ---- digits ------------------------------------------------------------------------------------------------
