@@ -4,7 +4,7 @@
     python bench/profile_step.py --tiny                   # CPU smoke run (ngf 8, batch 4 and 8): CPU time
     python bench/profile_step.py --net cifar10_ncsnv2 --batches 1000 --json out.json
 
-The step is ``x + α s(x, σ) + sqrt(2α) z`` (:func:`ncsn.perf.langevin_level`, the body the fast sampler captures
+The step is ``x + α s(x, σ) + sqrt(2α) z`` (:func:`ncsn.samplers.ald_level`, the per-level update the fast sampler captures
 in CUDA graphs) with the fast path's score function, as ``perf=fast`` runs it: bf16 autocast, channels_last and
 the compiled network (``ScoreModel.score_fn`` with ``PerfSettings(enabled=True)``). It is profiled launched
 one kernel at a time, without the CUDA graph: a graph replays the same kernels, so the GPU time per kernel is
@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from speed import NETS, make_model, sync  # bench/ is the script's directory, so on sys.path
 
-from ncsn.perf import PerfSettings, langevin_level
+from ncsn.perf import PerfSettings
+from ncsn.samplers import ald_level
 
 CONV_PATTERN = re.compile(r"conv|gemm|cutlass|xmma|sm90", re.IGNORECASE)
 
@@ -84,7 +85,7 @@ def profile_batch(spec_name: str, batch: int, ngf: int, perf: PerfSettings, devi
 
     def step() -> None:
         nonlocal x
-        x = langevin_level(score, x, levels, alpha, noise)
+        x = ald_level(score, x, levels, alpha.reshape(1), noise)
 
     with torch.no_grad():
         start = time.perf_counter()

@@ -286,7 +286,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-compile", dest="compile", action="store_false", help="torch.compile off")
     p.add_argument("--compile-mode", default="default")
     p.add_argument("--no-cuda-graphs", action="store_true")
-    p.add_argument("--steps-per-graph", type=int, default=10)
     p.add_argument("--no-bf16", action="store_true")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (tiny default: 1)")
@@ -313,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     peak_tflops = args.peak_tflops if args.peak_tflops is not None else (989.0 if device.type == "cuda" else None)
     use_compile = args.compile if args.compile is not None else not tiny
     perf = PerfSettings(enabled=True, compile=use_compile, compile_mode=args.compile_mode,
-                        cuda_graphs=not args.no_cuda_graphs, steps_per_graph=args.steps_per_graph,
+                        cuda_graphs=not args.no_cuda_graphs,
                         bf16=not args.no_bf16, channels_last=not args.no_channels_last).resolve(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as the official main.py; TF32 convolutions: PyTorch's default

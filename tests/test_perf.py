@@ -30,14 +30,13 @@ from ncsn.perf import (
     FastForward,
     PerfSettings,
     enable_compile_cache,
-    fill_noise,
     fp32_norms,
-    graphed_annealed_langevin,
+    graphed_sample,
     optimizer_kwargs,
     prepare_net,
     resolve,
 )
-from ncsn.samplers import annealed_langevin
+from ncsn.samplers import annealed_langevin, build_plan, fill_noise, run_plan
 from ncsn.sigmas import geometric_sigmas
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +91,7 @@ def test_auto_resolves_off_on_cpu_and_on_for_cuda():
     assert not PerfSettings(compile_mode="reduce-overhead").resolve("cuda").cuda_graphs
 
 
-@pytest.mark.parametrize("bad", [{"enabled": "sometimes"}, {"enabled": 3}, {"turbo": True}, {"steps_per_graph": 0}])
+@pytest.mark.parametrize("bad", [{"enabled": "sometimes"}, {"enabled": 3}, {"turbo": True}])
 def test_bad_perf_settings_raise_config_error(bad):
     with pytest.raises(ConfigError):
         PerfSettings.from_config(bad)
@@ -135,19 +134,38 @@ def test_fill_noise_draws_what_randn_draws():
     assert torch.equal(buffer, torch.stack([torch.randn(5, 7, generator=g2) for _ in range(3)]))
 
 
-@pytest.mark.parametrize("n_steps, steps_per_graph", [(7, 1), (7, 3), (7, 7), (7, 100)])
-@pytest.mark.parametrize("denoise", [False, True])
-def test_chunked_sampler_equals_annealed_langevin_exactly(n_steps, steps_per_graph, denoise):
+SAMPLER_SETTINGS = [
+    {"name": "ald", "n_steps_each": 7, "step_lr": 0.05, "denoise": False},
+    {"name": "ald", "n_steps_each": 3, "step_lr": 0.05, "denoise": True},
+    {"name": "pc", "n_corrector": 2, "snr": 0.16, "denoise": True},
+    {"name": "cas", "n_steps_each": 2, "step_lr": 0.5, "denoise": True},
+]
+
+
+@pytest.mark.parametrize("settings", SAMPLER_SETTINGS, ids=lambda s: f"{s['name']}")
+def test_graph_replay_loop_equals_the_eager_sampler_exactly_for_every_sampler(settings, monkeypatch):
+    # The CUDA path's loop (static buffers, level and coefficient copies, noise drawn into the buffer, one
+    # replay per level) with the update run eagerly at each replay: bit for bit the eager sampler's samples.
+    from ncsn import perf
+
     sigmas = toy_sigmas()
-    x0 = toy_init(256)
-    eager = annealed_langevin(mixture_score(sigmas), x0, sigmas, n_steps, 0.05, denoise=denoise,
-                              generator=torch.Generator().manual_seed(1))
-    chunked = graphed_annealed_langevin(mixture_score(sigmas), x0, sigmas, n_steps, 0.05, denoise=denoise,
-                                        generator=torch.Generator().manual_seed(1), steps_per_graph=steps_per_graph)
-    assert torch.equal(eager, chunked)
+    score = mixture_score(sigmas)
+    plan = build_plan(sigmas, settings)
+    built = []
+
+    def fake_graph(plan_, score_fn, x, cache, token):
+        built.append(plan_.name)
+        return perf._LevelGraph(plan_, score_fn, x, capture=False)
+
+    monkeypatch.setattr(perf, "_graph_capable", lambda x: True)
+    monkeypatch.setattr(perf, "_get_graph", fake_graph)
+    x0 = toy_init(64)
+    eager = run_plan(plan, score, x0, sigmas, generator=torch.Generator().manual_seed(1))
+    replayed = graphed_sample(plan, score, x0, sigmas, generator=torch.Generator().manual_seed(1))
+    assert built == [settings["name"]] and torch.equal(eager, replayed)
 
 
-def test_chunked_sampler_with_the_default_generator_and_an_image_network():
+def test_graphed_sampler_off_cuda_is_the_eager_sampler_with_the_default_generator_and_an_image_network():
     torch.manual_seed(0)
     net = NCSN(in_channels=1, image_size=8, ngf=4, num_scales=3).eval()
     sigmas = geometric_sigmas(1.0, 0.1, 3)
@@ -156,16 +174,20 @@ def test_chunked_sampler_with_the_default_generator_and_an_image_network():
     torch.manual_seed(5)
     eager = annealed_langevin(score, x0, sigmas, 4, 2e-5)
     torch.manual_seed(5)
-    chunked = graphed_annealed_langevin(score, x0, sigmas, 4, 2e-5, steps_per_graph=3)
-    assert torch.equal(eager, chunked)
+    graphed = graphed_sample(build_plan(sigmas, {"n_steps_each": 4, "step_lr": 2e-5}), score, x0, sigmas)
+    assert torch.equal(eager, graphed)
 
 
-def test_a_callback_falls_back_to_the_eager_sampler_and_sees_every_step():
+def test_a_callback_falls_back_to_the_eager_sampler_and_sees_every_step(monkeypatch):
+    from ncsn import perf
+
+    monkeypatch.setattr(perf, "_graph_capable", lambda x: True)
+    monkeypatch.setattr(perf, "_get_graph", lambda *a: pytest.fail("no graph with a callback"))
     sigmas = toy_sigmas()
     seen = []
-    out = graphed_annealed_langevin(mixture_score(sigmas), toy_init(8), sigmas, 3, 0.05,
-                                    generator=torch.Generator().manual_seed(0),
-                                    callback=lambda d: seen.append((d["level"], d["step"])))
+    plan = build_plan(sigmas, {"n_steps_each": 3, "step_lr": 0.05})
+    out = graphed_sample(plan, mixture_score(sigmas), toy_init(8), sigmas, generator=torch.Generator().manual_seed(0),
+                         callback=lambda d: seen.append((d["level"], d["step"])))
     assert seen == [(i, t) for i in range(10) for t in range(3)]
     assert out.shape == (8, 2)
 
@@ -183,7 +205,8 @@ def test_paper_toy_mode_weights_with_a_bf16_rounded_score_match_fp32():
 
     x0 = toy_init()
     fp32 = annealed_langevin(mixture_score(sigmas), x0, sigmas, 100, 0.05, generator=torch.Generator().manual_seed(1))
-    fast = graphed_annealed_langevin(bf16_score, x0, sigmas, 100, 0.05, generator=torch.Generator().manual_seed(2))
+    plan = build_plan(sigmas, {"n_steps_each": 100, "step_lr": 0.05})
+    fast = graphed_sample(plan, bf16_score, x0, sigmas, generator=torch.Generator().manual_seed(2))
     w_fp32, w_fast = share_in_small_mode(fp32), share_in_small_mode(fast)
     assert w_fp32 == pytest.approx(0.2, abs=0.03)
     assert w_fast == pytest.approx(0.2, abs=0.03)
@@ -527,19 +550,19 @@ def _cuda_net(num_scales: int = 4) -> torch.nn.Module:
 
 
 @cuda
-@pytest.mark.parametrize("steps_per_graph", [1, 3, 5])
-def test_cuda_graph_sampler_equals_the_eager_sampler(steps_per_graph):
+@pytest.mark.parametrize("settings", [{"name": "ald", "n_steps_each": 5, "step_lr": 2e-5, "denoise": True},
+                                      {"name": "pc", "n_corrector": 1}, {"name": "cas", "step_lr": 9e-5}],
+                         ids=lambda s: s["name"])
+def test_cuda_graph_sampler_equals_the_eager_sampler(settings):
     net = _cuda_net()
     sigmas = geometric_sigmas(1.0, 0.01, 4).cuda()
     score = score_function(net, sigmas)
     x0 = torch.rand(6, 3, 16, 16, device="cuda")
-    eager = annealed_langevin(score, x0, sigmas, 5, 2e-5, denoise=True,
-                              generator=torch.Generator("cuda").manual_seed(1))
+    plan = build_plan(sigmas, settings)
+    eager = run_plan(plan, score, x0, sigmas, generator=torch.Generator("cuda").manual_seed(1))
     cache: dict = {}
-    for _ in range(2):  # the second call replays the cached graphs
-        graphed = graphed_annealed_langevin(score, x0, sigmas, 5, 2e-5, denoise=True, cache=cache,
-                                            generator=torch.Generator("cuda").manual_seed(1),
-                                            steps_per_graph=steps_per_graph)
+    for _ in range(2):  # the second call replays the cached graph
+        graphed = graphed_sample(plan, score, x0, sigmas, cache=cache, generator=torch.Generator("cuda").manual_seed(1))
         torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-4)
     assert any(v is not None for k, v in cache.items() if k != "token")
 

@@ -125,3 +125,63 @@ def test_sample_py_entry_point_errors_without_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: checkpoint")
     assert "Traceback" not in result.stderr
+
+
+# ---- samplers: one word switches it on any checkpoint ------------------------------------------------------
+
+def test_sampler_group_replaces_the_checkpoints_settings_and_field_overrides_apply_after(ckpt, tmp_path):
+    # the tiny run: mnist_paper, L = 10, ald with denoise off
+    run_sample(tmp_path / "pc", ckpt, "sampler=pc")
+    used = json.loads((tmp_path / "pc" / "sampler.json").read_text())
+    assert used["sampler"]["name"] == "pc" and used["sampler"]["denoise"] is True  # the group's default
+    assert (used["sampler"]["n_corrector"], used["sampler"]["snr"], used["nfe"]) == (1, 0.16, 10 * 2)
+    run_sample(tmp_path / "pc2", ckpt, "sampler=pc", "sampler.n_corrector=2", "sampler.snr=0.3")
+    used = json.loads((tmp_path / "pc2" / "sampler.json").read_text())
+    assert (used["sampler"]["n_corrector"], used["sampler"]["snr"], used["nfe"]) == (2, 0.3, 10 * 3)
+    a = np.load(tmp_path / "pc" / "samples.npz")["samples"]
+    b = np.load(run_sample(tmp_path / "ald", ckpt)["array"])["samples"]
+    assert a.shape == b.shape and not np.array_equal(a, b)
+    used = json.loads((tmp_path / "ald" / "sampler.json").read_text())
+    assert used["sampler"]["name"] == "ald" and used["nfe"] == 10 * 2  # the checkpoint's ald, T from FAST
+
+
+def test_cas_on_a_schedule_too_coarse_for_its_step_is_one_line_and_writes_nothing(ckpt, tmp_path, capsys):
+    # sigma 1 -> 0.01 over 10 levels drops 40 % of the noise per level: cas needs step_lr >= 4e-5
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("sample", overrides=[f"ckpt_path={ckpt}", f"paths.output_dir={tmp_path / 'out'}", *FAST,
+                                           "sampler=cas"])
+    with pytest.raises(SystemExit) as exit_info:
+        user_errors_exit(sample)(cfg)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "step_lr >= 4" in err[0]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["error.txt"]  # the one line, nothing else
+    run_sample(tmp_path / "ok", ckpt, "sampler=cas", "sampler.step_lr=6e-5")
+    used = json.loads((tmp_path / "ok" / "sampler.json").read_text())
+    assert used["nfe"] == 9 * 2 + 1  # (L - 1) levels x T = 2 (FAST) + the denoising step
+
+
+def test_a_checkpoint_written_before_samplers_had_names_samples_with_ald_and_switches(ckpt, tmp_path):
+    old = torch.load(ckpt, map_location="cpu", weights_only=False)
+    old["ncsn_config"]["model"]["sampler"].pop("name", None)
+    old["ncsn_config"]["sampler"].pop("name", None)
+    path = tmp_path / "old.ckpt"
+    torch.save(old, path)
+    run_sample(tmp_path / "a", path)
+    assert json.loads((tmp_path / "a" / "sampler.json").read_text())["sampler"]["name"] == "ald"
+    run_sample(tmp_path / "b", path, "sampler=pc", "sampler.n_corrector=0")
+    assert json.loads((tmp_path / "b" / "sampler.json").read_text())["nfe"] == 10
+
+
+@pytest.mark.parametrize("sampler, frames", [("pc", 1 + 10 * 2), ("cas", 1 + 9 * 2 + 1)])
+def test_trajectory_and_inpainting_work_with_every_sampler(ckpt, tmp_path, sampler, frames):
+    extra = ["sampler.step_lr=6e-5"] if sampler == "cas" else []
+    run_sample(tmp_path / "t", ckpt, f"sampler={sampler}", *extra, "mode=trajectory", "trajectory.num=2",
+               "trajectory.every=1", "trajectory.gif=true")
+    # one frame per step (+ the start, + the denoised one): the strip is frames x (28 + 2 padding) + 2 wide
+    assert Image.open(tmp_path / "t" / "trajectory_00.png").size[0] == frames * 30 + 2
+    assert (tmp_path / "t" / "trajectory_01.gif").is_file()
+    files = run_sample(tmp_path / "i", ckpt, f"sampler={sampler}", *extra, "mode=inpaint", "inpaint.num=2",
+                       "inpaint.num_completions=2")
+    arrays = np.load(files["array"])
+    left = arrays["completions"].reshape(2, 2, 28, 28, 1)[:, :, :, :14]
+    assert np.abs(left.astype(int) - arrays["originals"][:, None, :, :14].astype(int)).max() <= 1

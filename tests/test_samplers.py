@@ -8,7 +8,19 @@ import torch
 
 from ncsn.data.datasets import gmm_perturbed_score
 from ncsn.errors import ConfigError
-from ncsn.samplers import annealed_langevin, annealed_langevin_inpaint, langevin
+from ncsn.samplers import (
+    SAMPLER_DEFAULTS,
+    annealed_langevin,
+    annealed_langevin_inpaint,
+    build_plan,
+    consistent_annealed,
+    inpaint,
+    langevin,
+    nfe,
+    predictor_corrector,
+    sample,
+    sampler_settings,
+)
 from ncsn.sigmas import geometric_sigmas
 
 N = 2000
@@ -106,6 +118,162 @@ def test_inpainting_keeps_known_pixels_and_fills_the_rest_from_the_model():
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., :4] = 1.0
     out = annealed_langevin_inpaint(score, known, mask, sigmas, 50, 2e-5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out[..., :4], known[..., :4])
+    assert out[..., 4:].mean().item() == pytest.approx(0.7, abs=0.05)
+
+
+# ---- predictor-corrector and consistent annealed sampling beside ALD --------------------------------------
+
+def prior_init(n, seed, sigma_1):
+    """The first level's noisy data: U[-8, 8]^2 plus sigma_1 z (what pc and cas start from)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 2, generator=g) * 16 - 8 + sigma_1 * torch.randn(n, 2, generator=g)
+
+
+@pytest.mark.parametrize("settings", [
+    {"name": "ald", "n_steps_each": 100, "step_lr": 0.05, "denoise": False},  # paper Fig. 3: 1,000 NFE
+    {"name": "pc", "n_corrector": 1, "snr": 0.16, "denoise": False},           # 200 NFE
+    {"name": "cas", "n_steps_each": 1, "step_lr": 0.1, "denoise": False},      # 99 NFE, eta = 0.1
+])
+def test_every_sampler_recovers_the_mixture_weights(settings):
+    # Paper Fig. 3 setting (sigma 20 -> 1, analytic scores). ALD uses the paper's L = 10 and T = 100; pc and cas
+    # take one network evaluation per level and so get the same sigma range on L = 100 levels (on L = 10, with
+    # gamma = 1.4 between levels, both discretisations are too coarse: 0.27 and 0.25 measured).
+    sigmas = geometric_sigmas(20.0, 1.0, 10 if settings["name"] == "ald" else 100)
+    init = uniform_init(N, 0) if settings["name"] == "ald" else prior_init(N, 0, float(sigmas[0]))
+    x = sample(mixture_score_fn(sigmas), init, sigmas, settings, generator=torch.Generator().manual_seed(1))
+    assert share_in_small_mode(x) == pytest.approx(0.2, abs=0.03)  # measured 0.222, 0.217, 0.202
+    near = torch.minimum((x - 5).norm(dim=1), (x + 5).norm(dim=1))
+    assert near.median().item() < 2.0
+
+
+MU, S = 0.5, 0.2
+
+
+@pytest.mark.parametrize("levels, settings, var_tol", [
+    (50, {"name": "ald", "n_steps_each": 10, "step_lr": 2e-5, "denoise": False}, 0.10),  # measured +7 %
+    (50, {"name": "pc", "n_corrector": 1, "denoise": True}, 0.10),                        # +3 %
+    (200, {"name": "cas", "step_lr": 5e-6, "denoise": True}, 0.05),                       # -2 %
+])
+def test_gaussian_data_gets_the_right_mean_and_variance(levels, settings, var_tol):
+    # data N(0.5, 0.2^2) in 16 dimensions: the score of its sigma-blur is -(x - mu) / (s^2 + sigma^2)
+    sigmas = geometric_sigmas(5.0, 0.01, levels)
+
+    def score(x, lv):
+        return -(x - MU) / (S**2 + sigmas[lv].view(-1, 1) ** 2)
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4000, 16, generator=g)
+    if settings["name"] != "ald":
+        x0 = x0 + sigmas[0] * torch.randn(x0.shape, generator=g)
+    x = sample(score, x0, sigmas, settings, generator=torch.Generator().manual_seed(1))
+    assert x.mean().item() == pytest.approx(MU, abs=0.01)
+    assert x.var(0).mean().item() == pytest.approx(S**2, rel=var_tol)
+
+
+@pytest.mark.parametrize("settings, expected", [
+    ({"name": "ald", "n_steps_each": 4, "step_lr": 1e-5, "denoise": True}, 7 * 4 + 1),
+    ({"name": "ald", "n_steps_each": 3, "step_lr": 1e-5, "denoise": False}, 7 * 3),
+    ({"name": "pc", "n_corrector": 0}, 7),
+    ({"name": "pc", "n_corrector": 2, "denoise": False}, 7 * 3),
+    ({"name": "cas", "n_steps_each": 1, "step_lr": 1e-4}, 6 + 1),
+    ({"name": "cas", "n_steps_each": 3, "step_lr": 1e-4, "denoise": False}, 6 * 3),
+])
+def test_nfe_is_exactly_the_network_evaluations_per_sample(settings, expected):
+    sigmas = geometric_sigmas(1.0, 0.01, 7)
+    evaluated = []
+
+    def score(x, lv):
+        evaluated.append(x.shape[0])
+        return -x
+
+    out = sample(score, torch.rand(5, 3), sigmas, settings)
+    assert sum(evaluated) == 5 * expected and out.shape == (5, 3)
+    assert build_plan(sigmas, settings).nfe == nfe(settings, 7) == expected
+
+
+@pytest.mark.parametrize("name", ["ald", "pc", "cas"])
+def test_same_seed_same_samples_and_every_step_reaches_the_callback(name):
+    sigmas = geometric_sigmas(1.0, 0.01, 5)
+    settings = {"name": name, "step_lr": 8e-5, "n_steps_each": 2}
+    seen = []
+    a = sample(mixture_score_fn(sigmas), torch.zeros(6, 2), sigmas, settings,
+               generator=torch.Generator().manual_seed(3), callback=lambda d: seen.append((d["level"], d["step"])))
+    b = sample(mixture_score_fn(sigmas), torch.zeros(6, 2), sigmas, settings, generator=torch.Generator().manual_seed(3))
+    c = sample(mixture_score_fn(sigmas), torch.zeros(6, 2), sigmas, settings, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    plan = build_plan(sigmas, settings)
+    assert seen == [(i, t) for i in range(plan.num_levels) for t in range(plan.draws)]
+
+
+def test_named_functions_equal_the_dispatch_and_pc_denoise_is_its_last_predictor_step():
+    sigmas = geometric_sigmas(1.0, 0.01, 6)
+    score = mixture_score_fn(sigmas)
+    x = torch.rand(4, 2)
+    run = lambda fn, *a, **k: fn(score, x, sigmas, *a, generator=torch.Generator().manual_seed(0), **k)  # noqa: E731
+    assert torch.equal(run(predictor_corrector, 2, 0.2), run(sample, {"name": "pc", "n_corrector": 2, "snr": 0.2}))
+    assert torch.equal(run(consistent_annealed, 2, 8e-5), run(sample, {"name": "cas", "n_steps_each": 2,
+                                                                          "step_lr": 8e-5}))
+    # predictor only, one level: x + sigma^2 s(x) (+ sigma z without denoising)
+    one = torch.tensor([0.5])
+    const = lambda y, lv: torch.ones_like(y)  # noqa: E731
+    den = predictor_corrector(const, x, one, 0, denoise=True)
+    torch.testing.assert_close(den, x + 0.25)
+    g = torch.Generator().manual_seed(9)
+    noisy = predictor_corrector(const, x, one, 0, denoise=False, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(noisy, x + 0.25 + 0.5 * torch.randn(x.shape, generator=g))
+
+
+def test_cas_keeps_the_noise_level_on_the_schedule():
+    # pure noise around a point mass at 0 (score -x / sigma^2): after each level the std is exactly sigma_{i+1}
+    sigmas = geometric_sigmas(10.0, 0.1, 8)
+    stds = []
+    x = sigmas[0] * torch.randn(20000, 4, generator=torch.Generator().manual_seed(0))
+    consistent_annealed(lambda y, lv: -y / sigmas[lv].view(-1, 1) ** 2, x, sigmas, 1, 0.005, denoise=False,
+                        generator=torch.Generator().manual_seed(1), callback=lambda d: stds.append(d["x"].std()))
+    torch.testing.assert_close(torch.stack(stds), sigmas[1:], rtol=0.02, atol=0)
+
+
+@pytest.mark.parametrize("settings, words", [
+    ({"name": "cas", "step_lr": 1e-7}, "step_lr >= "),        # removes less noise than the schedule drops
+    ({"name": "cas", "step_lr": 1.0}, "step_lr <= "),         # more than all of it
+    ({"name": "pc", "snr": 0.0}, "snr must be > 0"),
+    ({"name": "pc", "n_corrector": -1}, "n_corrector must be an integer >= 0"),
+    ({"name": "ddim"}, "unknown sampler 'ddim'"),
+])
+def test_bad_settings_for_the_new_samplers_are_one_clear_line(settings, words):
+    with pytest.raises(ConfigError) as err:
+        sample(lambda x, lv: -x, torch.zeros(2, 2), geometric_sigmas(1.0, 0.01, 10), settings)
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_defaults_fill_in_per_sampler_and_the_config_group_matches_them():
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    assert sampler_settings(None) == {**SAMPLER_DEFAULTS["ald"], "name": "ald"}
+    assert sampler_settings({"name": "pc", "snr": 0.2, "step_lr": None})["snr"] == 0.2
+    conf = Path(__file__).resolve().parents[1] / "conf" / "sampler"
+    for name, defaults in SAMPLER_DEFAULTS.items():
+        group = OmegaConf.to_container(OmegaConf.load(conf / f"{name}.yaml"))
+        assert group["name"] == name
+        assert {k: group[k] for k in defaults} == defaults, name
+
+
+@pytest.mark.parametrize("name", ["pc", "cas"])
+def test_inpainting_works_with_every_sampler(name):
+    sigmas = geometric_sigmas(1.0, 0.01, 30)
+
+    def score(x, levels):
+        s = sigmas[levels].view(-1, 1, 1, 1)
+        return -(x - 0.7) / (0.01 + s**2)
+
+    known = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4] = 1.0
+    out = inpaint(score, known, mask, sigmas, {"name": name, "step_lr": 5e-5},
+                  generator=torch.Generator().manual_seed(1))
     assert torch.equal(out[..., :4], known[..., :4])
     assert out[..., 4:].mean().item() == pytest.approx(0.7, abs=0.05)
 

@@ -46,10 +46,23 @@ class LossOutput:
 
 
 def sample_levels(
-    batch_size: int, num_scales: int, device: torch.device, generator: torch.Generator | None = None
+    batch_size: int, num_scales: int, device: torch.device, generator: torch.Generator | None = None,
+    probs: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One uniformly random level index per sample."""
-    return torch.randint(0, num_scales, (batch_size,), device=device, generator=generator)
+    """One random level index per sample: uniform (the paper), or drawn with probabilities ``probs`` [L]."""
+    if probs is None:
+        return torch.randint(0, num_scales, (batch_size,), device=device, generator=generator)
+    return torch.multinomial(probs.to(device), batch_size, replacement=True, generator=generator)
+
+
+def level_probabilities(sigmas: torch.Tensor, power: float) -> torch.Tensor | None:
+    """Training draws of the levels, p(i) ∝ σ_i^(−power): None (uniform, the paper) for power 0; power > 0 draws
+    the small σ (the fine detail) more often, power < 0 the large ones. The objective's λ(σ) is unchanged, so
+    this shifts the network's effort between levels rather than estimating the same loss."""
+    if power == 0:
+        return None
+    weights = sigmas.double() ** (-float(power))
+    return (weights / weights.sum()).float()
 
 
 def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -67,6 +80,17 @@ def _per_level(per_sample: torch.Tensor, levels: torch.Tensor, num_scales: int, 
     return LossOutput(per_sample.mean(), level_sum, level_count, **extra)
 
 
+def indexed_normal(index: torch.Tensor, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Standard-normal noise [len(index), *shape] (CPU, float32) whose row for sample j depends only on (seed, j):
+    the same draw for a sample whatever the batch it is in, the batch size or the number of processes."""
+    out = torch.empty(len(index), *shape)
+    generator = torch.Generator()
+    for row, j in zip(out, index.tolist(), strict=True):
+        generator.manual_seed(int(seed) * 1_000_003 + int(j))
+        row.normal_(generator=generator)
+    return out
+
+
 def dsm_loss(
     score_fn: ScoreFn,
     x: torch.Tensor,
@@ -76,6 +100,7 @@ def dsm_loss(
     weight_power: float = 2.0,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    level_probs: torch.Tensor | None = None,
 ) -> LossOutput:
     """Weighted multi-σ denoising score matching.
 
@@ -87,10 +112,12 @@ def dsm_loss(
         weight_power: p in λ(σ) = σ^p (the paper uses 2).
         noise: the standard-normal z [B, ...]; drawn when omitted.
         generator: random generator for the level and noise draws.
+        level_probs: the levels' draw probabilities [L] when ``levels`` is omitted (``level_probabilities``;
+            None: uniform).
     """
     num_scales = sigmas.shape[0]
     if levels is None:
-        levels = sample_levels(x.shape[0], num_scales, x.device, generator)
+        levels = sample_levels(x.shape[0], num_scales, x.device, generator, level_probs)
     if noise is None:
         noise = _randn_like(x, generator)
     used = sigmas.to(x.device, x.dtype)[levels].view(-1, *([1] * (x.ndim - 1)))
@@ -116,6 +143,7 @@ def sliced_score_matching_loss(
     *,
     n_projections: int = 1,
     weight_power: float = 2.0,
+    noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> LossOutput:
     """Annealed, variance-reduced sliced score matching (SSM-VR).
@@ -123,13 +151,15 @@ def sliced_score_matching_loss(
     The data are perturbed with N(0, σ_i²) as in DSM, then the loss at x̃ is
     E_v[vᵀ ∇ₓ(vᵀ s)] + ½ ‖s‖² with Gaussian projections v (the variance-reduced form integrates the
     projection of ½‖s‖² analytically), weighted by σ_i^p. Needs ``create_graph`` through the score, so
-    it costs about three network passes; use it on toy and low-dimensional data.
+    it costs about three network passes; use it on toy and low-dimensional data. ``noise``: the perturbation's
+    standard-normal z [B, ...] (drawn when omitted; the projections always come from ``generator``).
     """
     num_scales = sigmas.shape[0]
     if levels is None:
         levels = sample_levels(x.shape[0], num_scales, x.device, generator)
     used = sigmas.to(x.device, x.dtype)[levels].view(-1, *([1] * (x.ndim - 1)))
-    x_noisy = (x + used * _randn_like(x, generator)).detach().requires_grad_(True)
+    noise = _randn_like(x, generator) if noise is None else noise
+    x_noisy = (x + used * noise).detach().requires_grad_(True)
     per_sample = torch.zeros(x.shape[0], device=x.device, dtype=torch.float32)
     for _ in range(n_projections):
         score = score_fn(x_noisy, levels)

@@ -19,23 +19,23 @@ from torch import nn
 
 from ncsn.diagnostics import collapse_warning, grad_norm
 from ncsn.errors import ConfigError, UserError
-from ncsn.losses import LossOutput, dsm_loss, sliced_score_matching_loss
+from ncsn.losses import LossOutput, dsm_loss, indexed_normal, level_probabilities, sliced_score_matching_loss
 from ncsn.nets import score_function
-from ncsn.perf import PerfRuntime, PerfSettings, graphed_annealed_langevin, optimizer_kwargs, parameter_token
-from ncsn.samplers import annealed_langevin, check_sampler_settings
-from ncsn.sigmas import validate_sigmas
+from ncsn.perf import PerfRuntime, PerfSettings, graphed_sample, optimizer_kwargs, parameter_token
+from ncsn.samplers import build_plan, run_plan, sampler_settings
+from ncsn.sigmas import sigma_bin_key, validate_sigmas
 
 log = logging.getLogger("ncsn")
 
 LOSSES = {"dsm": dsm_loss, "ssm": sliced_score_matching_loss}
 
-#: up to this many levels each gets its own ``val/loss_sigma_i``; beyond, the per-σ loss is logged in bands
-PER_LEVEL_KEYS_MAX = 10
 #: the fractional part of the golden ratio: the validation levels' low-discrepancy sequence
 GOLDEN = 0.6180339887498949
-BANDS = 5
 
-DEFAULT_SAMPLER = {"n_steps_each": 100, "step_lr": 2e-5, "denoise": False, "init_low": 0.0, "init_high": 1.0}
+#: where initial samples are drawn (uniform on [init_low, init_high]; pc and cas add σ_1 z to it)
+DEFAULT_INIT = {"init_low": 0.0, "init_high": 1.0}
+#: samplers that start from the first level's noisy data rather than from plain uniform noise
+STARTS_FROM_PRIOR = ("pc", "cas")
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -51,8 +51,10 @@ class ScoreModel(L.LightningModule):
         data_shape: the shape of one sample, e.g. [1, 28, 28] (used to draw initial samples).
         optimizer: a callable ``params -> Optimizer`` (Hydra ``_partial_: true``); Adam 1e-3 by default.
         scheduler: optional callable ``optimizer -> LRScheduler``, stepped every training step.
-        sampler: annealed-Langevin settings: n_steps_each, step_lr, denoise, init_low, init_high
-            (initial samples are uniform on [init_low, init_high], [0, 1] for images as in the paper).
+        sampler: the sampler and its settings (``conf/sampler/``; ``ncsn.samplers.sampler_settings``): ``name``
+            ald (the paper's annealed Langevin; the default, also for checkpoints written before samplers had
+            names), pc or cas, their settings, and init_low, init_high (initial samples are uniform on
+            [init_low, init_high], [0, 1] for images as in the paper; pc and cas add σ_1 z).
         loss: "dsm" (the paper) or "ssm" (sliced score matching, for toy data).
         weight_power: p in λ(σ) = σ^p.
         val_seed: seed of the fixed noise used for validation, so val losses are comparable over time.
@@ -63,6 +65,9 @@ class ScoreModel(L.LightningModule):
             runs on a CUDA device; None (the default in Python) means off: exactly the plain fp32 path.
         collapse_check_after: from this global step on, every validation checks that the network has not
             collapsed (``ncsn.diagnostics.collapse_warning``) and warns in one line when it has.
+        level_draw_power: how training draws the levels (DSM): 0 uniform (the paper), q > 0 draws level i with
+            probability ∝ σ_i^(−q), favouring the small σ (``ncsn.losses.level_probabilities``). Validation
+            always covers the levels evenly.
 
     Besides the losses it logs what shows a collapse, without a host sync per step: ``train/grad_norm``
     (before clipping), ``train/output_ms`` and ``val/output_ms`` (mean square of σ·s: 0 for a constant zero
@@ -84,6 +89,7 @@ class ScoreModel(L.LightningModule):
         nonfinite: str = "raise",
         perf: Mapping[str, Any] | PerfSettings | None = None,
         collapse_check_after: int = 100,
+        level_draw_power: float = 0.0,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
@@ -95,8 +101,8 @@ class ScoreModel(L.LightningModule):
         self.data_shape = tuple(int(d) for d in data_shape)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.sampler_settings = {**DEFAULT_SAMPLER, **dict(sampler or {})}
-        check_sampler_settings(self.sampler_settings["n_steps_each"], self.sampler_settings["step_lr"])
+        self.sampler_settings = {**DEFAULT_INIT, **sampler_settings(sampler)}
+        build_plan(self.sigmas, self.sampler_settings)  # bad settings: one clear error now, not at the first sample
         self.loss_name = loss
         self.weight_power = weight_power
         self.val_seed = val_seed
@@ -104,6 +110,7 @@ class ScoreModel(L.LightningModule):
         self._val_sum: torch.Tensor | None = None
         self._val_count: torch.Tensor | None = None
         self._val_health: torch.Tensor | None = None
+        self._val_batches: list[list[int]] | None = None  # this process's validation indices, per batch
         #: the last validation's loss per level (sigma, loss or None, count): the per-σ chart reads it
         self.val_per_level: dict | None = None
         self.collapse_check_after = int(collapse_check_after)
@@ -112,6 +119,10 @@ class ScoreModel(L.LightningModule):
         self.skipped_steps = 0
         self.perf = PerfSettings.from_config(perf)
         self._perf = PerfRuntime()
+        if level_draw_power != 0 and loss != "dsm":
+            raise ConfigError("model.level_draw_power applies to the dsm loss only")
+        probs = level_probabilities(self.sigmas, level_draw_power)
+        self.register_buffer("level_probs", probs if probs is not None else torch.zeros(0), persistent=False)
 
     # ------------------------------------------------------------------ score and loss
     @property
@@ -157,8 +168,9 @@ class ScoreModel(L.LightningModule):
             self._fast_forward(self.trainer.strategy.root_device)
 
     def compute_loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> LossOutput:
+        extra = {"level_probs": self.level_probs} if self.level_probs.numel() else {}
         return LOSSES[self.loss_name](self.score_fn, x, self.sigmas, weight_power=self.weight_power,
-                                      generator=generator)
+                                      generator=generator, **extra)
 
     @staticmethod
     def _images(batch: Any) -> torch.Tensor:
@@ -166,11 +178,13 @@ class ScoreModel(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def _logging_step(self) -> bool:
-        """Whether the loggers read this step's metrics (every ``log_every_n_steps``): per-step diagnostics are
-        only computed and logged then."""
+        """Whether the loggers read this step's metrics: per-step diagnostics are only computed and logged then.
+        Lightning's rule for the fit loop (its private ``LoggerConnector.should_update_logs``) from public trainer
+        state: the (global_step + 1)-th step is a multiple of ``log_every_n_steps``, or training stops here."""
         if self._trainer is None:
             return True
-        return bool(self.trainer._logger_connector.should_update_logs)
+        every = self.trainer.log_every_n_steps
+        return every > 0 and ((self.trainer.global_step + 1) % every == 0 or self.trainer.should_stop)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         x = self._images(batch)
@@ -220,22 +234,40 @@ class ScoreModel(L.LightningModule):
         self._val_sum = torch.zeros(self.num_scales, device=self.device)
         self._val_count = torch.zeros(self.num_scales, device=self.device)
         self._val_health = torch.zeros(2, device=self.device)  # zero-output loss sum, output mean-square sum
+        self._val_batches = self._validation_batches()
+
+    def _validation_batches(self) -> list[list[int]] | None:
+        """The validation set indices of each batch this process loads (its dataloader's batch sampler, with
+        Lightning's DistributedSampler under DDP); None without a trainer or a batch sampler."""
+        if self._trainer is None:
+            return None
+        loaders = self.trainer.val_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        return [list(b) for b in batch_sampler] if batch_sampler is not None else None
+
+    def validation_indices(self, batch_idx: int, n: int) -> torch.Tensor:
+        """The index in the whole validation set of each of the ``n`` samples of batch ``batch_idx`` (int64)."""
+        batches = getattr(self, "_val_batches", None)
+        if batches is not None and batch_idx < len(batches) and len(batches[batch_idx]) == n:
+            return torch.as_tensor(batches[batch_idx], dtype=torch.int64)
+        return torch.arange(batch_idx * n, (batch_idx + 1) * n)
 
     def validation_loss(self, batch: Any, batch_idx: int, model: ScoreModel | None = None) -> LossOutput:
         """The validation loss of ``model`` (default: this module, i.e. the weights being trained) on one
-        batch, with fixed noise and with the levels spread evenly over the σ list (sample j of the whole
-        validation set gets level ⌊L · frac(j φ)⌋, φ the golden ratio: any number of samples covers the σ range
-        evenly, and every level once there are a few times L), so every validation sees the same draws. The EMA callback calls it with the average, to compare on the same draws."""
+        batch. Each sample's (level, noise) pair is a function of its index j in the whole validation set only
+        (``validation_indices``): level ⌊L · frac(j φ)⌋, φ the golden ratio (any number of samples covers the σ
+        range evenly, and every level once there are a few times L), noise from ``indexed_normal(j)``. So every
+        validation draws the same pairs, on 1 or N devices and with any batch size. The EMA callback calls it with
+        the average, to compare on the same draws."""
         x = self._images(batch)
-        generator = torch.Generator(device=x.device)
-        generator.manual_seed(self.val_seed + 100_003 * batch_idx + 7919 * self.global_rank)
-        n = x.shape[0]
-        first = (batch_idx * self.trainer.world_size + self.global_rank) * n if self._trainer is not None else 0
-        index = torch.arange(first, first + n, device=x.device, dtype=torch.float64)
-        levels = ((index * GOLDEN) % 1.0 * self.num_scales).long().clamp_(max=self.num_scales - 1)
+        index = self.validation_indices(batch_idx, x.shape[0])
+        levels = ((index.double() * GOLDEN) % 1.0 * self.num_scales).long().clamp_(max=self.num_scales - 1)
+        noise = indexed_normal(index, tuple(x.shape[1:]), self.val_seed).to(x.device, x.dtype)
+        generator = torch.Generator(device=x.device).manual_seed(self.val_seed + int(index[0]))  # SSM projections
         model = self if model is None else model
-        return LOSSES[self.loss_name](model.score_fn, x, self.sigmas, levels, weight_power=self.weight_power,
-                                      generator=generator)
+        return LOSSES[self.loss_name](model.score_fn, x, self.sigmas, levels.to(x.device),
+                                      weight_power=self.weight_power, noise=noise, generator=generator)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         out = self.validation_loss(batch, batch_idx)
@@ -245,10 +277,11 @@ class ScoreModel(L.LightningModule):
             self._val_health += torch.stack([out.zero_output_sum, out.output_sq_sum])
 
     def on_validation_epoch_end(self) -> None:
-        """Logs ``val/loss``, the collapse metrics and the per-σ losses. Everything is summed over processes in
-        one reduction and read to the host once. Levels that drew no validation sample get no value (never a fake 0); with more than
-        ``PER_LEVEL_KEYS_MAX`` levels the per-σ losses are logged as ``BANDS`` bands of levels
-        (``val/loss_band_0`` holds the largest σ) and the full curve is kept in ``val_per_level``."""
+        """Logs ``val/loss``, the collapse metrics and the per-σ losses in fixed log-σ bins
+        (``val/loss_sigma_bin/<lo>-<hi>``, ``ncsn.sigmas.sigma_bin_key``: the same keys in every run, so a σ sweep
+        overlays; only bins that hold a level that drew samples). Everything is summed over processes in ONE
+        reduction and read to the host once; levels that drew no validation sample get no value (never a fake 0).
+        The full per-level curve is kept in ``val_per_level``."""
         packed = torch.cat([self._val_sum, self._val_count, self._val_health])
         packed = self.trainer.strategy.reduce(packed, reduce_op="sum").double().cpu()
         level_sum, level_count = packed[:self.num_scales], packed[self.num_scales:2 * self.num_scales]
@@ -257,22 +290,25 @@ class ScoreModel(L.LightningModule):
         if total == 0:
             return
         val_loss = float(level_sum.sum()) / total
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float] = {"val/loss": val_loss}
         if self.loss_name == "dsm":
             metrics.update(self._health_metrics(val_loss, *(float(h) / total for h in health)))
         per_level = [float(s / c) if c > 0 else None for s, c in zip(level_sum, level_count)]
         self.val_per_level = {"step": self.global_step, "sigma": self.sigmas.tolist(), "loss": per_level,
                               "count": [int(c) for c in level_count]}
-        if self.num_scales <= PER_LEVEL_KEYS_MAX:
-            metrics.update({f"val/loss_sigma_{i}": v for i, v in enumerate(per_level) if v is not None})
-        else:
-            for band, idx in enumerate(torch.arange(self.num_scales).tensor_split(BANDS)):
-                s, c = float(level_sum[idx].sum()), float(level_count[idx].sum())
-                if c > 0:
-                    metrics[f"val/loss_band_{band}"] = s / c
-        # sync_dist: the values are equal on every rank already; it only tells Lightning so (no per-key warning)
-        self.log("val/loss", val_loss, prog_bar=True, sync_dist=True)
-        self.log_dict(metrics, sync_dist=True)
+        bins: dict[str, list[float]] = {}
+        for sigma, s, c in zip(self.val_per_level["sigma"], level_sum.tolist(), level_count.tolist()):
+            if c > 0:
+                acc = bins.setdefault(sigma_bin_key(sigma), [0.0, 0.0])
+                acc[0] += s
+                acc[1] += c
+        metrics.update({key: s / c for key, (s, c) in bins.items()})
+        # Already reduced (the one strategy.reduce above) and equal on every rank: rank_zero_only=True turns
+        # Lightning's per-key reduction into a no-op (one all_reduce per key otherwise), and sync_dist=True tells it
+        # the values are process-wide (no per-key "sync_dist" warning). Every rank logs the same values, so
+        # monitors (ModelCheckpoint, EarlyStopping) see them on every rank.
+        self.log("val/loss", metrics.pop("val/loss"), prog_bar=True, sync_dist=True, rank_zero_only=True)
+        self.log_dict(metrics, sync_dist=True, rank_zero_only=True)
 
     def _health_metrics(self, val_loss: float, zero_output: float, output_ms: float) -> dict[str, float]:
         """The collapse metrics of one validation (of the weights being trained, never the EMA's), and the
@@ -296,11 +332,11 @@ class ScoreModel(L.LightningModule):
         """Resume from the raw weights also when EMA is switched off for this run: the checkpoint's
         ``state_dict`` holds the EMA weights and ``current_model_state`` the raw ones (``ncsn.ema``); with an
         EMA callback attached, that callback restores both itself."""
-        from lightning.pytorch.callbacks import WeightAveraging
+        from ncsn.ema import weight_averaging
 
         if "current_model_state" not in checkpoint or self._trainer is None:
             return
-        if any(isinstance(cb, WeightAveraging) for cb in self.trainer.callbacks):
+        if weight_averaging(self.trainer) is not None:
             return
         checkpoint["state_dict"] = checkpoint["current_model_state"]
         if self.trainer.is_global_zero:
@@ -325,10 +361,22 @@ class ScoreModel(L.LightningModule):
         return configured, None
 
     # ------------------------------------------------------------------ sampling
-    def initial_samples(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        low, high = self.sampler_settings["init_low"], self.sampler_settings["init_high"]
+    def initial_samples(self, n: int, generator: torch.Generator | None = None,
+                        settings: Mapping[str, Any] | None = None) -> torch.Tensor:
+        """``n`` starting points for ``settings`` (default: this model's sampler): uniform on
+        [init_low, init_high], plus σ_1 z for the samplers that start from the first level's noisy data."""
+        settings = self.sampler_settings if settings is None else settings
+        low, high = settings["init_low"], settings["init_high"]
         u = torch.rand((n, *self.data_shape), device=self.device, generator=generator)
-        return low + (high - low) * u
+        x = low + (high - low) * u
+        if settings.get("name") in STARTS_FROM_PRIOR:
+            x = x + self.sigmas[0] * torch.randn(x.shape, device=self.device, generator=generator)
+        return x
+
+    def sampling_settings(self, **overrides: Any) -> dict[str, Any]:
+        """This model's sampler settings with ``overrides`` (a different ``name`` switches the sampler; its own
+        defaults fill the keys it has and the overrides do not give)."""
+        return {**DEFAULT_INIT, **sampler_settings({**self.sampler_settings, **overrides})}
 
     @torch.no_grad()
     def sample(
@@ -341,26 +389,24 @@ class ScoreModel(L.LightningModule):
         x_init: torch.Tensor | None = None,
         **overrides: Any,
     ) -> torch.Tensor:
-        """Draw ``n`` samples (model range) with annealed Langevin dynamics and the configured settings.
+        """Draw ``n`` samples (model range) with the configured sampler (``ald``, ``pc`` or ``cas``).
 
-        ``overrides`` replace sampler settings for this call (n_steps_each, step_lr, denoise).
+        ``overrides`` replace sampler settings for this call (e.g. ``name="pc"``, ``n_corrector=2``).
         """
-        settings = {**self.sampler_settings, **overrides}
+        settings = self.sampling_settings(**overrides)
+        plan = build_plan(self.sigmas, settings)
         was_training = self.training
         self.eval()
-        x = self.initial_samples(n, generator) if x_init is None else x_init.to(self.device)
-        args = (x, self.sigmas, int(settings["n_steps_each"]), float(settings["step_lr"]))
-        kwargs = {"denoise": bool(settings["denoise"]), "callback": callback, "generator": generator,
-                  "progress": progress}
+        x = self.initial_samples(n, generator, settings) if x_init is None else x_init.to(self.device)
+        kwargs = {"callback": callback, "generator": generator, "progress": progress}
         try:
             fast = self._fast_forward()
             if fast is None:
-                return annealed_langevin(self.score_fn, *args, **kwargs)
+                return run_plan(plan, self.score_fn, x, self.sigmas, **kwargs)
             perf = self.perf_settings()
-            return graphed_annealed_langevin(
-                self._perf_score_fn(fast), *args, **kwargs,
+            return graphed_sample(
+                plan, self._perf_score_fn(fast), x, self.sigmas, **kwargs,
                 cuda_graphs=perf.cuda_graphs,
-                steps_per_graph=perf.steps_per_graph,
                 cache=self._perf.graph_cache,
                 cache_token=parameter_token(self) if perf.cuda_graphs else None,
             )

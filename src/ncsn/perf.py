@@ -13,11 +13,11 @@ GPU, as plain functions and small classes over a score network (no Lightning, no
   per batch size), with inductor's on-disk caches on (:func:`enable_compile_cache`): a second identical run
   reuses the compiled kernels instead of compiling again.
 * **fused Adam** (``fused=True``) when the optimizer factory accepts it and the parameters are on CUDA.
-* **CUDA graphs for sampling** (:func:`graphed_annealed_langevin`): ``steps_per_graph`` Langevin steps are
-  captured once (static ``x``, level, step-size and noise buffers) and replayed, so the 1,000 steps of the
-  paper's sampler cost L·T/steps_per_graph graph launches and no host synchronisation. The Langevin noise is
-  drawn outside the graph, one ``normal_`` per step from the caller's generator into the static buffer: the
-  samples equal those of :func:`ncsn.samplers.annealed_langevin` given the same generator and network.
+* **CUDA graphs for sampling** (:func:`graphed_sample`): each sampler's per-level update (ald, pc, cas) is
+  captured once (static ``x``, level, coefficient and noise buffers) and replayed, so the 1,000 steps of the
+  paper's sampler cost L graph launches and no host synchronisation. The noise is drawn outside the graph, one
+  ``normal_`` per step from the caller's generator into the static buffer: the samples equal those of
+  :func:`ncsn.samplers.run_plan` given the same generator and network.
 
 ``PerfSettings.enabled = "auto"`` turns the fast path on when the model runs on a CUDA device and off
 otherwise. Off means exactly the code paths of ``ncsn.samplers`` / ``ncsn.losses`` with the plain network.
@@ -42,15 +42,7 @@ from torch import nn
 
 from ncsn.errors import ConfigError
 from ncsn.nets.normalization import ConditionalInstanceNorm2dPlus, InstanceNorm2dPlus
-from ncsn.samplers import (
-    Callback,
-    ScoreFn,
-    _level_iter,
-    annealed_langevin,
-    check_sampler_settings,
-    denoise_step,
-    step_sizes,
-)
+from ncsn.samplers import Callback, SamplerPlan, ScoreFn, _level_iter, denoise_step, fill_noise, run_plan
 
 log = logging.getLogger("ncsn")
 
@@ -72,8 +64,7 @@ class PerfSettings:
         compile_mode: torch.compile mode (``default``, ``max-autotune-no-cudagraphs``, ...).
             ``reduce-overhead`` brings inductor's own CUDA graphs and turns ``cuda_graphs`` off.
         compile_backend: torch.compile backend (``inductor``; ``aot_eager``/``eager`` to debug).
-        cuda_graphs: capture the annealed-Langevin steps in CUDA graphs (CUDA only).
-        steps_per_graph: Langevin steps per captured graph (the level's remainder gets its own graph).
+        cuda_graphs: capture each level's sampler steps in a CUDA graph (CUDA only).
         fused_optimizer: pass ``fused=True`` to the optimizer (CUDA only, Adam/AdamW/SGD/...).
         cudnn_benchmark: set ``torch.backends.cudnn.benchmark`` (fixed shapes; CUDA only).
     """
@@ -85,7 +76,6 @@ class PerfSettings:
     compile_mode: str = "default"
     compile_backend: str = "inductor"
     cuda_graphs: bool = True
-    steps_per_graph: int = 10
     fused_optimizer: bool = True
     cudnn_benchmark: bool = True
 
@@ -99,9 +89,6 @@ class PerfSettings:
         elif not isinstance(enabled, bool):
             raise ConfigError(f"perf.enabled must be auto, true or false (got {enabled!r})")
         object.__setattr__(self, "enabled", enabled)
-        if int(self.steps_per_graph) != self.steps_per_graph or self.steps_per_graph < 1:
-            raise ConfigError(f"perf.steps_per_graph must be an integer >= 1 (got {self.steps_per_graph})")
-        object.__setattr__(self, "steps_per_graph", int(self.steps_per_graph))
 
     @classmethod
     def from_config(cls, cfg: PerfSettings | Mapping[str, Any] | bool | str | None) -> PerfSettings:
@@ -113,6 +100,8 @@ class PerfSettings:
         if isinstance(cfg, (bool, str)):
             return cls(enabled=cfg)
         data = dict(cfg)
+        # checkpoints written before one graph per level stored how many Langevin steps each graph held
+        data.pop("steps_per_graph", None)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -151,7 +140,7 @@ class PerfSettings:
         if self.compile:
             parts.append(f"compile[{self.compile_backend}/{self.compile_mode}]")
         if self.cuda_graphs:
-            parts.append(f"cuda_graphs[{self.steps_per_graph} steps/graph]")
+            parts.append("cuda_graphs[one per level]")
         if self.fused_optimizer:
             parts.append("fused optimizer")
         if self.cudnn_benchmark:
@@ -399,139 +388,97 @@ class NonFiniteWatch:
 
 
 # ---------------------------------------------------------------------------------------------- sampling
-def fill_noise(buffer: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Draw standard normal noise into ``buffer`` (contiguous) in place: the same numbers
-    ``torch.randn(buffer.shape, generator=generator)`` (or ``randn_like``) would give."""
-    return buffer.normal_(generator=generator)
+class _LevelGraph:
+    """Static buffers and the captured CUDA graph of one sampler's per-level update (``plan.update``) for one
+    batch shape. ``capture=False`` keeps the buffers and runs the update eagerly at each :meth:`replay` (how
+    the CPU tests check the replay loop of :func:`graphed_sample`)."""
 
-
-def langevin_level(
-    score_fn: ScoreFn,
-    x: torch.Tensor,
-    levels: torch.Tensor,
-    alpha: torch.Tensor,
-    noise: torch.Tensor,
-) -> torch.Tensor:
-    """``noise.shape[0]`` Langevin steps at one level with pre-drawn noise ``noise[t]``:
-    x ← x + α s(x, σ) + sqrt(2α) z_t, the arithmetic of :func:`ncsn.samplers.langevin_step`.
-
-    This is both the eager path of :func:`graphed_annealed_langevin` and the body that its CUDA graphs
-    capture, so the two cannot drift apart.
-    """
-    sqrt_2alpha = (2.0 * alpha).sqrt()
-    for t in range(noise.shape[0]):
-        x = x + alpha * score_fn(x, levels) + sqrt_2alpha * noise[t]
-    return x
-
-
-def _chunks(n_steps: int, steps_per_graph: int) -> list[int]:
-    k = min(steps_per_graph, n_steps)
-    return [k] * (n_steps // k) + ([n_steps % k] if n_steps % k else [])
-
-
-class _LangevinGraphs:
-    """Static buffers and the captured CUDA graphs of ``langevin_level`` for one batch shape."""
-
-    def __init__(self, score_fn: ScoreFn, x: torch.Tensor, chunk_sizes: Iterable[int], warmup: int = 2) -> None:
-        self.score_fn = score_fn
-        sizes = sorted(set(chunk_sizes))
+    def __init__(self, plan: SamplerPlan, score_fn: ScoreFn, x: torch.Tensor, *, capture: bool = True,
+                 warmup: int = 2) -> None:
+        self.update, self.score_fn = plan.update, score_fn
         self.x = x.detach().clone(memory_format=torch.contiguous_format)
-        self.noise = torch.zeros((max(sizes), *x.shape), dtype=x.dtype, device=x.device)
+        self.noise = torch.zeros((plan.draws, *x.shape), dtype=x.dtype, device=x.device)
         self.levels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        self.alpha = torch.zeros((), dtype=x.dtype, device=x.device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.coeffs = torch.zeros(plan.coeffs.shape[1], dtype=x.dtype, device=x.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if not capture:
+            return
         start = self.x.clone()
         # Warm up on a side stream (lazy cuDNN/cuBLAS handles, autotuning, torch.compile), then capture.
         side = torch.cuda.Stream(device=x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(side):
-            for n in sizes:
-                for _ in range(warmup):
-                    self._body(n)
+            for _ in range(warmup):
+                self._body()
         torch.cuda.current_stream(x.device).wait_stream(side)
-        for n in sizes:
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: a DataLoader pin-memory thread calling CUDA meanwhile must not break the capture
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self._body(n)
-            self.graphs[n] = graph
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: a DataLoader pin-memory thread calling CUDA meanwhile must not break the capture
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self._body()
         self.x.copy_(start)
 
-    def _body(self, n: int) -> None:
-        self.x.copy_(langevin_level(self.score_fn, self.x, self.levels, self.alpha, self.noise[:n]))
+    def _body(self) -> None:
+        self.x.copy_(self.update(self.score_fn, self.x, self.levels, self.coeffs, self.noise))
 
-    def run(self, n: int) -> None:
-        self.graphs[n].replay()
+    def replay(self) -> None:
+        if self.graph is None:
+            self._body()
+        else:
+            self.graph.replay()
 
 
-def graphed_annealed_langevin(
+def _graph_capable(x: torch.Tensor) -> bool:
+    return x.is_cuda
+
+
+def graphed_sample(
+    plan: SamplerPlan,
     score_fn: ScoreFn,
     x: torch.Tensor,
     sigmas: torch.Tensor,
-    n_steps_each: int,
-    step_lr: float,
     *,
-    denoise: bool = False,
     callback: Callback | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
     cuda_graphs: bool = True,
-    steps_per_graph: int = 10,
     cache: dict | None = None,
     cache_token: Any = None,
 ) -> torch.Tensor:
-    """Annealed Langevin dynamics (same arguments and samples as :func:`ncsn.samplers.annealed_langevin`)
-    with the steps run in chunks of ``steps_per_graph`` over pre-drawn noise.
+    """Any sampler's plan (``ncsn.samplers.build_plan``: ald, pc, cas) with each level's update replayed from
+    one CUDA graph: no host synchronisation and one launch per level instead of a Python round trip per
+    kernel. The graph captures ``plan.update``, the very function :func:`ncsn.samplers.run_plan` calls; the
+    level's noise is drawn outside it, one ``normal_`` per step from ``generator`` into the static buffer in
+    the eager order, so given the same generator state the samples equal the eager sampler's. ``score_fn``
+    must not consume the same generator (the networks here use none).
 
-    On a CUDA device with ``cuda_graphs`` each chunk is one CUDA-graph replay: no host synchronisation and
-    one launch per chunk instead of a Python round trip per kernel. Elsewhere the same chunks run eagerly
-    through :func:`langevin_level` (the code the graphs capture). The noise for a chunk is drawn with one
-    ``normal_`` per step from ``generator`` (the default generator when None) into a buffer before the
-    chunk runs: the numbers and their order are exactly those of the eager sampler, so given the same
-    generator state the samples are equal (bit for bit on the CPU). ``score_fn`` must not consume the same
-    generator (the networks here use none).
-
-    With a ``callback`` (which needs every step's ``x``) it falls back to ``annealed_langevin``.
+    Off CUDA, without ``cuda_graphs``, with a ``callback`` (which needs every step's ``x``) or when the capture
+    fails, it is :func:`ncsn.samplers.run_plan` itself.
 
     ``cache`` (a dict owned by the caller) keeps the captured graphs between calls with the same batch shape;
     ``cache_token`` (e.g. the parameters' data pointers) invalidates it when it changes. Graphs read the
     network's parameters in place, so in-place updates (optimizer steps, ``load_state_dict``) are seen.
     """
-    if callback is not None:
-        return annealed_langevin(score_fn, x, sigmas, n_steps_each, step_lr, denoise=denoise, callback=callback,
-                                 generator=generator, progress=progress)
-    check_sampler_settings(n_steps_each, step_lr)
-    x = x.contiguous()
+    graph = None
+    if cuda_graphs and _graph_capable(x) and callback is None:
+        graph = _get_graph(plan, score_fn, x.contiguous(), cache, cache_token)
+    if graph is None:
+        return run_plan(plan, score_fn, x, sigmas, callback=callback, generator=generator, progress=progress)
     sigmas = sigmas.to(device=x.device, dtype=x.dtype)
-    alphas = step_sizes(sigmas, step_lr)
-    chunks = _chunks(int(n_steps_each), int(steps_per_graph))
-    graphs = _get_graphs(score_fn, x, chunks, cache, cache_token) if cuda_graphs and x.is_cuda else None
-
-    if graphs is not None:
-        graphs.x.copy_(x)
-        for i in _level_iter(sigmas.shape[0], progress, "annealed Langevin (CUDA graphs)"):
-            graphs.levels.fill_(i)
-            graphs.alpha.copy_(alphas[i])
-            for n in chunks:
-                for t in range(n):
-                    fill_noise(graphs.noise[t], generator)
-                graphs.run(n)
-        x = graphs.x
-        return denoise_step(score_fn, x, sigmas) if denoise else x.clone()
-
-    noise = torch.empty((chunks[0], *x.shape), dtype=x.dtype, device=x.device)
-    for i in _level_iter(sigmas.shape[0], progress, "annealed Langevin"):
-        levels = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-        for n in chunks:
-            for t in range(n):
-                fill_noise(noise[t], generator)
-            x = langevin_level(score_fn, x, levels, alphas[i], noise[:n])
-    return denoise_step(score_fn, x, sigmas) if denoise else x
+    coeffs = plan.coeffs.to(device=x.device, dtype=x.dtype)
+    graph.x.copy_(x)
+    for i in _level_iter(plan.num_levels, progress, plan.title + " (CUDA graphs)"):
+        graph.levels.fill_(i)
+        graph.coeffs.copy_(coeffs[i])
+        for t in range(plan.draws):
+            fill_noise(graph.noise[t], generator)
+        graph.replay()
+    x = graph.x.clone()
+    return denoise_step(score_fn, x, sigmas) if plan.denoise else x
 
 
-def _get_graphs(score_fn: ScoreFn, x: torch.Tensor, chunks: list[int], cache: dict | None,
-                cache_token: Any) -> _LangevinGraphs | None:
-    key = (id(score_fn), tuple(x.shape), x.dtype, str(x.device), tuple(sorted(set(chunks))))
+def _get_graph(plan: SamplerPlan, score_fn: ScoreFn, x: torch.Tensor, cache: dict | None,
+               cache_token: Any) -> _LevelGraph | None:
+    key = (plan.update, id(score_fn), tuple(x.shape), x.dtype, str(x.device), plan.draws, plan.coeffs.shape[1])
     if cache is not None:
         if cache.get("token") != cache_token:
             cache.clear()
@@ -539,15 +486,15 @@ def _get_graphs(score_fn: ScoreFn, x: torch.Tensor, chunks: list[int], cache: di
         if key in cache:
             return cache[key]
     try:
-        graphs: _LangevinGraphs | None = _LangevinGraphs(score_fn, x, chunks)
+        graph: _LevelGraph | None = _LevelGraph(plan, score_fn, x)
     except Exception as exc:  # noqa: BLE001 - any capture failure: run the same steps eagerly instead
-        warnings.warn(f"CUDA-graph capture of the Langevin steps failed ({type(exc).__name__}: "
+        warnings.warn(f"CUDA-graph capture of the {plan.title} steps failed ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0] if str(exc) else ''}); sampling without CUDA graphs",
                       RuntimeWarning, stacklevel=3)
-        graphs = None
+        graph = None
     if cache is not None:
-        cache[key] = graphs
-    return graphs
+        cache[key] = graph
+    return graph
 
 
 # ---------------------------------------------------------------------------------------------- per-module state

@@ -1,11 +1,26 @@
-"""Langevin samplers: plain functions over a score callable. No Lightning, no Hydra.
+"""Samplers over the σ list: plain functions over a score callable. No Lightning, no Hydra.
 
 ``score_fn(x, levels)`` takes a batch ``x`` and a LongTensor ``levels`` of shape [B] (indices into
 ``sigmas``, 0 = the largest σ) and returns the score ∇ₓ log p_σ(x), shaped like ``x``. Use
 ``ncsn.nets.score_function(net, sigmas)`` to turn a network into one.
 
-Step-size convention (the official code's, used everywhere in this package): at level i the step is
-α_i = step_lr · σ_i² / σ_L² and one Langevin step is
+Three samplers walk the σ list from the largest level to the smallest:
+
+* ``ald`` — annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1): T Langevin steps per level.
+* ``pc`` — predictor–corrector (Song et al. 2021, score_sde, the VE SDE discretised on our σ list): at each
+  level ``n_corrector`` Langevin corrector steps with the signal-to-noise step size, then one reverse-diffusion
+  predictor step from σ_i to σ_{i+1}.
+* ``cas`` — consistent annealed sampling (Jolicoeur-Martineau et al. 2021, Algorithm 2): each step removes
+  the fraction η of the noise and adds back just enough fresh noise that the sample's noise level follows the
+  schedule exactly.
+
+Each is ONE per-level update (``ald_level``, ``pc_level``, ``cas_level``: the steps of one level over
+pre-drawn noise) plus a coefficient table, packed in a :class:`SamplerPlan`; :func:`run_plan` is the one loop
+over levels that every sampler shares, and the CUDA-graph runner of ``ncsn.perf`` captures the same per-level
+update (never a second copy of a loop). Every plan states its network evaluations per sample (``plan.nfe``).
+
+Step-size convention (the official code's): at level i ALD's step is α_i = step_lr · σ_i² / σ_L² and one
+Langevin step is
 
     x ← x + α_i · s(x, σ_i) + sqrt(2 α_i) · z,   z ~ N(0, I).
 
@@ -14,15 +29,20 @@ the paper's toy experiment (ε = 0.1) is ``step_lr=0.05`` here. For images the p
 and the official code passes that same number as step_lr to the form above; our image configs follow
 the official code (``step_lr=2e-5``).
 
-The loops never synchronise with the host: step sizes are precomputed on the device, nothing calls
+The loops never synchronise with the host: coefficients are precomputed on the device, nothing calls
 ``.item()`` or prints per step. ``callback`` (optional) is called after every step with a dict
 ``{"level": i, "step": t, "sigma": σ_i (0-d tensor), "x": current sample}`` so callers can record
-trajectories; ``progress=True`` shows a progress bar over levels.
+trajectories; ``progress=True`` shows a progress bar over levels. The Langevin noise of a level is drawn
+before its steps, one ``randn`` per step in step order, so a seeded ``generator`` gives the same samples on
+every path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -30,12 +50,30 @@ from ncsn.errors import ConfigError
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[dict], None]
+#: ``after_step(t, x) -> x``: called after step t of a level (trajectories, inpainting); None in graphs
+AfterStep = Callable[[int, torch.Tensor], torch.Tensor]
+#: ``update(score_fn, x, levels, coeffs, noise, after_step) -> x``: the steps of one level
+LevelUpdate = Callable[..., torch.Tensor]
+
+#: each sampler's settings and their defaults (``conf/sampler/NAME.yaml`` holds the same)
+SAMPLER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ald": {"n_steps_each": 100, "step_lr": 2e-5, "denoise": False},
+    "pc": {"n_corrector": 1, "snr": 0.16, "denoise": True},
+    "cas": {"n_steps_each": 1, "step_lr": 2e-5, "denoise": True},
+}
+SAMPLERS = tuple(SAMPLER_DEFAULTS)
 
 
 def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     if generator is None:
         return torch.randn_like(x)
     return torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+
+
+def fill_noise(buffer: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Draw standard normal noise into ``buffer`` (contiguous) in place: the same numbers
+    ``torch.randn(buffer.shape, generator=generator)`` (or ``randn_like``) would give."""
+    return buffer.normal_(generator=generator)
 
 
 def check_sampler_settings(n_steps: int, step_lr: float) -> None:
@@ -77,6 +115,246 @@ def denoise_step(score_fn: ScoreFn, x: torch.Tensor, sigmas: torch.Tensor) -> to
     return x + sigmas[-1] ** 2 * score_fn(x, last)
 
 
+# ---------------------------------------------------------------------------------------------- level updates
+def ald_level(score_fn: ScoreFn, x: torch.Tensor, levels: torch.Tensor, coeffs: torch.Tensor,
+              noise: torch.Tensor, after_step: AfterStep | None = None) -> torch.Tensor:
+    """``noise.shape[0]`` Langevin steps x ← x + α s(x, σ) + sqrt(2α) z_t; ``coeffs = [α]``."""
+    alpha = coeffs[0]
+    sqrt_2alpha = (2.0 * alpha).sqrt()
+    for t in range(noise.shape[0]):
+        x = x + alpha * score_fn(x, levels) + sqrt_2alpha * noise[t]
+        if after_step is not None:
+            x = after_step(t, x)
+    return x
+
+
+def pc_level(score_fn: ScoreFn, x: torch.Tensor, levels: torch.Tensor, coeffs: torch.Tensor,
+             noise: torch.Tensor, after_step: AfterStep | None = None) -> torch.Tensor:
+    """score_sde's predictor–corrector at one level; ``coeffs = [σ_i² − σ_{i+1}², predictor noise, snr]``.
+
+    Corrector (``noise.shape[0] − 1`` steps, score_sde's ``LangevinCorrector`` for the VE SDE): with the
+    batch-mean norms of the score g and of the noise z, ε = 2 (snr ‖z‖ / ‖g‖)² and x ← x + ε g + sqrt(2ε) z.
+    Predictor (score_sde's ``ReverseDiffusionPredictor``, VE): x ← x + (σ_i² − σ_{i+1}²) s(x, σ_i)
+    + sqrt(σ_i² − σ_{i+1}²) z, taking the noise level from σ_i to σ_{i+1} (0 after the last level, where the
+    noise is dropped when denoising, which makes the last predictor step the denoising step itself).
+    """
+    g2, g, snr = coeffs[0], coeffs[1], coeffs[2]
+    n_corrector = noise.shape[0] - 1
+    for t in range(n_corrector):
+        grad = score_fn(x, levels)
+        grad_norm = grad.flatten(1).norm(dim=1).mean()
+        noise_norm = noise[t].flatten(1).norm(dim=1).mean()
+        eps = 2.0 * (snr * noise_norm / grad_norm.clamp_min(1e-12)) ** 2
+        x = x + eps * grad + (2.0 * eps).sqrt() * noise[t]
+        if after_step is not None:
+            x = after_step(t, x)
+    x = x + g2 * score_fn(x, levels) + g * noise[n_corrector]
+    if after_step is not None:
+        x = after_step(n_corrector, x)
+    return x
+
+
+def cas_level(score_fn: ScoreFn, x: torch.Tensor, levels: torch.Tensor, coeffs: torch.Tensor,
+              noise: torch.Tensor, after_step: AfterStep | None = None) -> torch.Tensor:
+    """Consistent annealed sampling at one level; ``coeffs = [α_i, b_keep, b_move]``.
+
+    Each step x ← x + α_i s(x, σ_i) + b z with α_i = η σ_i²: if x carries noise of std σ_i, the score step
+    leaves (1 − η) σ_i of it, and b tops it up to the target level: b_keep = σ_i sqrt(1 − (1 − η)²) for the
+    first T − 1 steps (the level stays at σ_i), b_move = σ_{i+1} sqrt(1 − (1 − η)² γ_i²), γ_i = σ_i/σ_{i+1},
+    for the last (the level becomes σ_{i+1}).
+    """
+    alpha, keep, move = coeffs[0], coeffs[1], coeffs[2]
+    last = noise.shape[0] - 1
+    for t in range(noise.shape[0]):
+        x = x + alpha * score_fn(x, levels) + (move if t == last else keep) * noise[t]
+        if after_step is not None:
+            x = after_step(t, x)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------- plans
+@dataclass(frozen=True)
+class SamplerPlan:
+    """How one sampler walks the σ list: ``update`` runs the ``draws`` steps of level i with coefficients
+    ``coeffs[i]`` over ``draws`` pre-drawn noise tensors, for the first ``coeffs.shape[0]`` levels; then the
+    optional denoising step at σ_L. ``nfe``: network evaluations per sample."""
+
+    name: str
+    update: LevelUpdate
+    coeffs: torch.Tensor
+    draws: int
+    denoise: bool
+    nfe: int
+    title: str
+
+    @property
+    def num_levels(self) -> int:
+        return int(self.coeffs.shape[0])
+
+
+def _int_setting(settings: Mapping[str, Any], key: str, minimum: int) -> int:
+    value = settings[key]
+    if isinstance(value, bool) or int(value) != value or value < minimum:
+        raise ConfigError(f"sampler.{key} must be an integer >= {minimum} (got {value})")
+    return int(value)
+
+
+def sampler_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``settings`` completed with its sampler's defaults (``name`` defaults to ``ald``); unknown names are
+    one clear error."""
+    settings = dict(settings or {})
+    name = settings.get("name") or "ald"
+    if name not in SAMPLER_DEFAULTS:
+        raise ConfigError(f"unknown sampler '{name}'; choose one of {', '.join(SAMPLERS)} (sampler=NAME)")
+    merged = {**SAMPLER_DEFAULTS[name], **{k: v for k, v in settings.items() if v is not None}}
+    merged["name"] = name
+    return merged
+
+
+def describe_sampler(settings: Mapping[str, Any]) -> str:
+    """``pc (n_corrector=1, snr=0.16, denoise=True)``: the sampler's name and the settings it reads."""
+    s = sampler_settings(settings)
+    return f"{s['name']} (" + ", ".join(f"{k}={s[k]}" for k in SAMPLER_DEFAULTS[s["name"]]) + ")"
+
+
+def ald_plan(sigmas: torch.Tensor, n_steps_each: int, step_lr: float, denoise: bool = False) -> SamplerPlan:
+    check_sampler_settings(n_steps_each, step_lr)
+    coeffs = step_sizes(sigmas, step_lr)[:, None]
+    n = int(n_steps_each)
+    settings = {"name": "ald", "n_steps_each": n, "step_lr": step_lr, "denoise": denoise}
+    return SamplerPlan("ald", ald_level, coeffs, n, bool(denoise), nfe(settings, sigmas.shape[0]),
+                       "annealed Langevin")
+
+
+def pc_plan(sigmas: torch.Tensor, n_corrector: int = 1, snr: float = 0.16, denoise: bool = True) -> SamplerPlan:
+    n_corrector = _int_setting({"n_corrector": n_corrector}, "n_corrector", 0)
+    if not snr > 0:
+        raise ConfigError(f"sampler.snr must be > 0 (got {snr})")
+    nxt = torch.cat([sigmas[1:], sigmas.new_zeros(1)])
+    g2 = sigmas**2 - nxt**2
+    g = g2.sqrt()
+    if denoise:
+        g[-1] = 0.0  # the last predictor step is x + σ_L² s(x, σ_L): the denoising step, without noise
+    coeffs = torch.stack([g2, g, torch.full_like(g2, float(snr))], dim=1)
+    settings = {"name": "pc", "n_corrector": n_corrector, "snr": snr, "denoise": denoise}
+    return SamplerPlan("pc", pc_level, coeffs, n_corrector + 1, False, nfe(settings, sigmas.shape[0]),
+                       "predictor-corrector")
+
+
+def cas_plan(sigmas: torch.Tensor, n_steps_each: int = 1, step_lr: float = 2e-5,
+             denoise: bool = True) -> SamplerPlan:
+    check_sampler_settings(n_steps_each, step_lr)
+    if sigmas.shape[0] < 2:
+        raise ConfigError("consistent annealed sampling (sampler=cas) needs at least 2 noise levels")
+    eta = float(step_lr) / float(sigmas[-1]) ** 2
+    gamma_max = float((sigmas[:-1] / sigmas[1:]).max())
+    least = float(sigmas[-1]) ** 2 * (1.0 - 1.0 / gamma_max)
+    if eta > 1.0 + 1e-6:
+        raise ConfigError(f"sampler.step_lr={step_lr:g} removes more than all the noise in one step with "
+                          f"sampler=cas (step_lr / sigma_L^2 = {eta:.3g} > 1): use step_lr <= "
+                          f"{float(sigmas[-1]) ** 2:.3g}")
+    if (1.0 - eta) * gamma_max > 1.0 + 1e-9:
+        raise ConfigError(f"sampler.step_lr={step_lr:g} is too small for sampler=cas on this sigma list: each "
+                          f"step must remove at least the noise between two levels; use step_lr >= {least:.3g}")
+    head, nxt = sigmas[:-1], sigmas[1:]
+    alpha = eta * head**2
+    keep = head * math.sqrt(max(0.0, 1.0 - (1.0 - eta) ** 2))
+    move = nxt * (1.0 - ((1.0 - eta) * head / nxt) ** 2).clamp_min(0.0).sqrt()
+    coeffs = torch.stack([alpha, keep, move], dim=1)
+    n = int(n_steps_each)
+    settings = {"name": "cas", "n_steps_each": n, "step_lr": step_lr, "denoise": denoise}
+    return SamplerPlan("cas", cas_level, coeffs, n, bool(denoise), nfe(settings, sigmas.shape[0]),
+                       "consistent annealed sampling")
+
+
+def build_plan(sigmas: torch.Tensor, settings: Mapping[str, Any] | None) -> SamplerPlan:
+    """The plan of the sampler named in ``settings['name']`` (default ``ald``) on ``sigmas``."""
+    s = sampler_settings(settings)
+    if s["name"] == "pc":
+        return pc_plan(sigmas, s["n_corrector"], float(s["snr"]), bool(s["denoise"]))
+    if s["name"] == "cas":
+        return cas_plan(sigmas, s["n_steps_each"], float(s["step_lr"]), bool(s["denoise"]))
+    return ald_plan(sigmas, s["n_steps_each"], float(s["step_lr"]), bool(s["denoise"]))
+
+
+def nfe(settings: Mapping[str, Any] | None, num_levels: int) -> int:
+    """Network evaluations per sample of a sampler's settings on ``num_levels`` levels (what ``plan.nfe`` is)."""
+    s = sampler_settings(settings)
+    denoise = int(bool(s["denoise"]))
+    if s["name"] == "pc":
+        return num_levels * (1 + _int_setting(s, "n_corrector", 0))
+    if s["name"] == "cas":
+        return (num_levels - 1) * _int_setting(s, "n_steps_each", 1) + denoise
+    return num_levels * _int_setting(s, "n_steps_each", 1) + denoise
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+def run_plan(
+    plan: SamplerPlan,
+    score_fn: ScoreFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    callback: Callback | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    project: Callable[[int, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None = None,
+) -> torch.Tensor:
+    """The one loop every sampler shares: for each level draw its noise, run ``plan.update``, then the
+    optional denoising step.
+
+    ``project(i, generator)`` (inpainting) returns the map applied at the start of level i and after each of
+    its steps.
+    """
+    sigmas = sigmas.to(device=x.device, dtype=x.dtype)
+    coeffs = plan.coeffs.to(device=x.device, dtype=x.dtype)
+    noise = torch.empty((plan.draws, *x.shape), dtype=x.dtype, device=x.device)
+    for i in _level_iter(plan.num_levels, progress, plan.title):
+        levels = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+        fix = project(i, generator) if project is not None else None
+        if fix is not None:
+            x = fix(x)
+        for t in range(plan.draws):
+            fill_noise(noise[t], generator)
+        after_step = _after_step(i, sigmas[i], callback, fix)
+        x = plan.update(score_fn, x, levels, coeffs[i], noise, after_step)
+    if plan.denoise:
+        x = denoise_step(score_fn, x, sigmas)
+    return x
+
+
+def _after_step(level: int, sigma: torch.Tensor, callback: Callback | None,
+                fix: Callable[[torch.Tensor], torch.Tensor] | None) -> AfterStep | None:
+    if callback is None and fix is None:
+        return None
+
+    def after(t: int, x: torch.Tensor) -> torch.Tensor:
+        if fix is not None:
+            x = fix(x)
+        if callback is not None:
+            callback({"level": level, "step": t, "sigma": sigma, "x": x})
+        return x
+
+    return after
+
+
+@torch.no_grad()
+def sample(
+    score_fn: ScoreFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    settings: Mapping[str, Any] | None = None,
+    *,
+    callback: Callback | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Run the sampler named in ``settings`` (``ald``, ``pc`` or ``cas``; see :func:`sampler_settings`)."""
+    sigmas = sigmas.to(device=x.device, dtype=x.dtype)
+    return run_plan(build_plan(sigmas, settings), score_fn, x, sigmas, callback=callback, generator=generator,
+                    progress=progress)
+
+
 @torch.no_grad()
 def annealed_langevin(
     score_fn: ScoreFn,
@@ -94,7 +372,7 @@ def annealed_langevin(
 
     For each level i = 0 … L−1 (σ decreasing) run ``n_steps_each`` steps
     x ← x + α_i s(x, σ_i) + sqrt(2 α_i) z with α_i = step_lr σ_i²/σ_L². The paper's ε is 2·step_lr.
-    With ``denoise=True`` the result gets the final step x + σ_L² s(x, σ_L) (NCSNv2).
+    With ``denoise=True`` the result gets the final step x + σ_L² s(x, σ_L) (NCSNv2). NFE: L·T (+1).
 
     Args:
         score_fn: ``score_fn(x, levels)``; see the module docstring.
@@ -107,18 +385,54 @@ def annealed_langevin(
         generator: random generator for the Langevin noise (reproducible samples).
         progress: show a progress bar over the levels.
     """
-    check_sampler_settings(n_steps_each, step_lr)
     sigmas = sigmas.to(device=x.device, dtype=x.dtype)
-    alphas = step_sizes(sigmas, step_lr)
-    for i in _level_iter(sigmas.shape[0], progress, "annealed Langevin"):
-        levels = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-        for t in range(n_steps_each):
-            x = langevin_step(score_fn, x, levels, alphas[i], generator)
-            if callback is not None:
-                callback({"level": i, "step": t, "sigma": sigmas[i], "x": x})
-    if denoise:
-        x = denoise_step(score_fn, x, sigmas)
-    return x
+    return run_plan(ald_plan(sigmas, n_steps_each, step_lr, denoise), score_fn, x, sigmas, callback=callback,
+                    generator=generator, progress=progress)
+
+
+@torch.no_grad()
+def predictor_corrector(
+    score_fn: ScoreFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    n_corrector: int = 1,
+    snr: float = 0.16,
+    *,
+    denoise: bool = True,
+    callback: Callback | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Predictor–corrector sampling (Song et al. 2021, score_sde's ``pc_sampler`` for the VE SDE on the
+    discrete σ list; :func:`pc_level`): at each level ``n_corrector`` Langevin corrector steps with
+    signal-to-noise ratio ``snr``, then the reverse-diffusion predictor step to the next level. With
+    ``denoise`` the last predictor step adds no noise (score_sde's ``noise_removal``). NFE: L·(1 + n_corrector).
+    ``x`` should carry noise of the first level (e.g. uniform noise + σ_1 z)."""
+    sigmas = sigmas.to(device=x.device, dtype=x.dtype)
+    return run_plan(pc_plan(sigmas, n_corrector, snr, denoise), score_fn, x, sigmas, callback=callback,
+                    generator=generator, progress=progress)
+
+
+@torch.no_grad()
+def consistent_annealed(
+    score_fn: ScoreFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    n_steps_each: int = 1,
+    step_lr: float = 2e-5,
+    *,
+    denoise: bool = True,
+    callback: Callback | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Consistent annealed sampling (Jolicoeur-Martineau et al. 2021, Algorithm 2; :func:`cas_level`), with
+    α_i = η σ_i², η = step_lr / σ_L² (ALD's step convention), over levels 1 … L−1 and then the denoising step
+    at σ_L. ``n_steps_each`` > 1 adds steps that keep the level (the paper's algorithm is 1). NFE:
+    (L−1)·T (+1). Needs 1 − σ_{i+1}/σ_i ≤ η ≤ 1 at every level (one clear error otherwise)."""
+    sigmas = sigmas.to(device=x.device, dtype=x.dtype)
+    return run_plan(cas_plan(sigmas, n_steps_each, step_lr, denoise), score_fn, x, sigmas, callback=callback,
+                    generator=generator, progress=progress)
 
 
 @torch.no_grad()
@@ -143,6 +457,41 @@ def langevin(
 
 
 @torch.no_grad()
+def inpaint(
+    score_fn: ScoreFn,
+    x_known: torch.Tensor,
+    mask: torch.Tensor,
+    sigmas: torch.Tensor,
+    settings: Mapping[str, Any] | None = None,
+    *,
+    x_init: torch.Tensor | None = None,
+    callback: Callback | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Inpainting with any sampler (paper Fig. 6 with ``ald``).
+
+    ``mask`` is 1 where pixels are known (broadcastable to ``x_known``). At each level the known pixels are
+    re-noised once, x_known + σ_i z, and written into the sample at the level's start and after every step,
+    so only the unknown pixels evolve. The unknown pixels start from ``x_init`` (uniform noise when omitted).
+    The returned sample has the exact known pixels restored.
+    """
+    mask = mask.to(device=x_known.device, dtype=x_known.dtype)
+    sigmas = sigmas.to(device=x_known.device, dtype=x_known.dtype)
+    plan = build_plan(sigmas, settings)
+    if x_init is None:
+        x_init = torch.rand(x_known.shape, dtype=x_known.dtype, device=x_known.device, generator=generator)
+
+    def project(i: int, gen: torch.Generator | None) -> Callable[[torch.Tensor], torch.Tensor]:
+        known_noisy = x_known + sigmas[i] * _randn(x_known, gen)
+        return lambda x: mask * known_noisy + (1 - mask) * x
+
+    x = run_plan(plan, score_fn, x_init, sigmas, callback=callback, generator=generator, progress=progress,
+                 project=project)
+    return mask * x_known + (1 - mask) * x
+
+
+@torch.no_grad()
 def annealed_langevin_inpaint(
     score_fn: ScoreFn,
     x_known: torch.Tensor,
@@ -157,29 +506,7 @@ def annealed_langevin_inpaint(
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Inpainting with annealed Langevin dynamics (paper Fig. 6).
-
-    ``mask`` is 1 where pixels are known (broadcastable to ``x_known``). At each level the known pixels
-    are re-noised once, x_known + σ_i z, and written into the sample before and after every step, so only
-    the unknown pixels evolve. The unknown pixels start from ``x_init`` (uniform noise when omitted).
-    The returned sample has the exact known pixels restored.
-    """
-    check_sampler_settings(n_steps_each, step_lr)
-    mask = mask.to(device=x_known.device, dtype=x_known.dtype)
-    sigmas = sigmas.to(device=x_known.device, dtype=x_known.dtype)
-    alphas = step_sizes(sigmas, step_lr)
-    if x_init is None:
-        x_init = torch.rand(x_known.shape, dtype=x_known.dtype, device=x_known.device, generator=generator)
-    x = x_init
-    for i in _level_iter(sigmas.shape[0], progress, "inpainting"):
-        levels = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-        known_noisy = x_known + sigmas[i] * _randn(x_known, generator)
-        x = mask * known_noisy + (1 - mask) * x
-        for t in range(n_steps_each):
-            x = langevin_step(score_fn, x, levels, alphas[i], generator)
-            x = mask * known_noisy + (1 - mask) * x
-            if callback is not None:
-                callback({"level": i, "step": t, "sigma": sigmas[i], "x": x})
-    if denoise:
-        x = denoise_step(score_fn, x, sigmas)
-    return mask * x_known + (1 - mask) * x
+    """:func:`inpaint` with annealed Langevin dynamics (paper Fig. 6)."""
+    settings = {"name": "ald", "n_steps_each": n_steps_each, "step_lr": step_lr, "denoise": denoise}
+    return inpaint(score_fn, x_known, mask, sigmas, settings, x_init=x_init, callback=callback,
+                   generator=generator, progress=progress)

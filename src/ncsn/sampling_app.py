@@ -4,16 +4,18 @@ Modes (``mode=``):
 
 * ``generate``   — ``samples.png`` (grid), ``samples.npz`` (uint8 N×H×W×C, as FID tools expect) and,
   with ``save_individual=true``, one PNG per image in ``images/``;
-* ``trajectory`` — the intermediate samples of annealed Langevin across levels (paper Fig. 5), one PNG
+* ``trajectory`` — the intermediate samples of the sampler across levels (paper Fig. 5), one PNG
   strip per sample (``trajectory_XX.png``) and optionally a GIF, recorded through the sampler's callback;
 * ``inpaint``    — occlude validation images (right half, centre square or random mask), complete them
-  with annealed-Langevin inpainting (paper Fig. 6): ``inpainting.png`` with rows
+  with the sampler's inpainting (paper Fig. 6 with ald): ``inpainting.png`` with rows
   occluded | completions | original;
 * ``nn``         — for a few samples, the nearest training images in L2 (``nearest_neighbours.png``);
 * ``fid``        — FID and Inception Score against the run's validation split (``metrics.json``).
 
 Everything a run needs comes from the checkpoint (``ncsn_config``: network, σ list, sampler settings,
-data); any sampler setting can be overridden (``sampler.n_steps_each=…``).
+data). ``sampler=ald|pc|cas`` switches the sampler on any checkpoint (that group's defaults replace the
+checkpoint's sampler settings); field overrides (``sampler.n_steps_each=…``, ``sampler.snr=…``) apply after.
+Every mode writes ``sampler.json``: the settings used and the network evaluations per sample (NFE).
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ from tqdm.auto import tqdm
 from ncsn.app import instantiate
 from ncsn.callbacks import image_grid, scatter_image
 from ncsn.checkpoints import load_checkpoint
+from ncsn.devices import pick_device
 from ncsn.errors import CheckpointError, ConfigError
 from ncsn.module import ScoreModel
-from ncsn.samplers import annealed_langevin_inpaint
+from ncsn.samplers import build_plan, describe_sampler, inpaint
 
 log = logging.getLogger("ncsn")
 
@@ -60,14 +63,6 @@ def load_model(ckpt_path: str | Path, *, use_ema: bool = True, device: str | tor
             f"checkpoint '{ckpt_path}' does not match the model its config describes ({str(exc).splitlines()[0]})"
         ) from exc
     return model.to(device).eval(), run_cfg
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("device=cuda asked for but no CUDA GPU is visible; use device=cpu or device=auto")
-    return torch.device(name)
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -129,16 +124,19 @@ def run_generate(model, cfg, out: Path, overrides: dict) -> dict:
 
 
 def run_trajectory(model, cfg, out: Path, overrides: dict) -> dict:
-    """Record every ``trajectory.every``-th step of annealed Langevin for ``trajectory.num`` samples."""
+    """Record every ``trajectory.every``-th step of the sampler for ``trajectory.num`` samples."""
     every = int(cfg.trajectory.every)
     frames: list[torch.Tensor] = []
+    steps = 0
 
     def record(state: dict) -> None:
-        if state["step"] % every == every - 1:
+        nonlocal steps
+        steps += 1
+        if steps % every == 0:
             frames.append(state["x"].detach().clamp(0, 1).cpu())
 
     generator = torch.Generator(device=model.device).manual_seed(cfg.seed)
-    x0 = model.initial_samples(int(cfg.trajectory.num), generator)
+    x0 = model.initial_samples(int(cfg.trajectory.num), generator, model.sampling_settings(**overrides))
     frames.append(x0.clamp(0, 1).cpu())
     final = model.sample(int(cfg.trajectory.num), generator=generator, callback=record, x_init=x0,
                          progress=cfg.progress, **overrides).cpu()
@@ -199,7 +197,7 @@ def _first_images(loader, n: int) -> torch.Tensor:
 
 
 def run_inpaint(model, cfg, out: Path, overrides: dict, run_cfg: DictConfig) -> dict:
-    settings = {**model.sampler_settings, **overrides}
+    settings = model.sampling_settings(**overrides)
     dm = _datamodule(run_cfg, cfg)
     n, k = int(cfg.inpaint.num), int(cfg.inpaint.num_completions)
     images = _first_images(dm.val_dataloader(), n).to(model.device)
@@ -208,10 +206,9 @@ def run_inpaint(model, cfg, out: Path, overrides: dict, run_cfg: DictConfig) -> 
                      generator=torch.Generator().manual_seed(cfg.seed)).to(model.device)
     known = images.repeat_interleave(k, dim=0)
     full_mask = mask.repeat_interleave(k, dim=0) if mask.shape[0] > 1 else mask
-    completions = annealed_langevin_inpaint(
-        model.score_fn, known, full_mask, model.sigmas, int(settings["n_steps_each"]), float(settings["step_lr"]),
-        denoise=bool(settings["denoise"]), generator=generator, progress=cfg.progress,
-    ).view(n, k, *images.shape[1:])
+    x_init = model.initial_samples(known.shape[0], generator, settings)
+    completions = inpaint(model.score_fn, known, full_mask, model.sigmas, settings, x_init=x_init,
+                          generator=generator, progress=cfg.progress).view(n, k, *images.shape[1:])
     occluded = images * mask + (1 - mask) * 0.5
     rows = torch.cat([occluded[:, None], completions, images[:, None]], dim=1)  # [n, k + 2, C, H, W]
     grid = image_grid(rows.flatten(0, 1).cpu(), nrow=k + 2)
@@ -256,7 +253,7 @@ def run_fid(model, cfg, out: Path, overrides: dict, run_cfg: DictConfig) -> dict
                                    device=model.device, inception_score=bool(cfg.fid.inception_score),
                                    inception_weights=cfg.fid.get("inception_weights"),
                                    allow_download=bool(cfg.fid.get("allow_download", False)))
-    result["settings"] = {"ckpt_path": str(cfg.ckpt_path), "sampler": {**model.sampler_settings, **overrides},
+    result["settings"] = {"ckpt_path": str(cfg.ckpt_path), "sampler": model.sampling_settings(**overrides),
                           "num_samples": int(cfg.num_samples), "num_real": int(cfg.fid.num_real),
                           "seed": int(cfg.seed), "use_ema": bool(cfg.use_ema),
                           "note": "papers report FID on 50,000 samples; smaller counts bias FID upward"}
@@ -284,14 +281,14 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         torch.manual_seed(int(cfg.seed))
     model, run_cfg = load_model(cfg.ckpt_path, use_ema=bool(cfg.use_ema), device=device)
     overrides = {k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items() if v is not None}
-    if overrides:
-        from ncsn.samplers import check_sampler_settings
-
-        merged = {**model.sampler_settings, **overrides}
-        check_sampler_settings(merged["n_steps_each"], merged["step_lr"])
+    settings = model.sampling_settings(**overrides)
+    plan = build_plan(model.sigmas, settings)  # bad settings: one clear error before anything is written
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     log.info("Sampling (%s) from %s into %s on %s", cfg.mode, cfg.ckpt_path, out.resolve(), device)
+    log.info("sampler %s: %d network evaluations per sample (NFE)", describe_sampler(settings), plan.nfe)
+    record = {"sampler": settings, "nfe": plan.nfe, "num_levels": model.num_scales}
+    (out / "sampler.json").write_text(json.dumps(record, indent=2) + "\n")
     if cfg.mode == "generate":
         files = run_generate(model, cfg, out, overrides)
     elif cfg.mode == "trajectory":
