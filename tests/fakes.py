@@ -10,6 +10,9 @@ import lightning as L
 import numpy as np
 from PIL import Image
 
+from ncsn.data import ImageDataModule
+from ncsn.data.transforms import image_transform
+
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
@@ -119,3 +122,81 @@ def fake_inception_weights(path: Path, monkeypatch) -> None:
         m.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
         net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="-")
     torch.save(net.state_dict(), path)
+
+
+class CollectiveCounter(L.Callback):
+    """Counts the torch.distributed collectives of each validation (from ``on_validation_epoch_start`` to this
+    callback's ``on_validation_end``; ModelCheckpoint saves run after it) and writes, per rank,
+    ``DIR/collectives_rank{R}.json`` = [count per validation] and the validation metrics of rank R. A module-level
+    class: ``ddp_spawn`` pickles the callbacks."""
+
+    NAMES = ("all_reduce", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list", "barrier",
+             "reduce", "gather", "scatter", "all_to_all")
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self.counts: list[int] = []
+        self.names: list[list[str]] = []  # the collectives of each validation, by name
+        self._counting = False
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        import functools
+
+        import torch.distributed as dist
+
+        for name in self.NAMES:
+            original = getattr(dist, name, None)
+            if original is None or getattr(original, "_counted", False):
+                continue
+
+            @functools.wraps(original)
+            def counted(*args, _original=original, _name=name, **kwargs):
+                if self._counting:
+                    self.counts[-1] += 1
+                    self.names[-1].append(_name)
+                return _original(*args, **kwargs)
+
+            counted._counted = True
+            setattr(dist, name, counted)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self.counts.append(0)
+        self.names.append([])
+        self._counting = True
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        import json
+        import os
+
+        self._counting = False
+        os.makedirs(self.out_dir, exist_ok=True)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")}
+        with open(os.path.join(self.out_dir, f"collectives_rank{trainer.global_rank}.json"), "w") as f:
+            json.dump({"counts": self.counts, "names": self.names, "metrics": metrics}, f)
+
+
+
+class PlainDigits(ImageDataModule):
+    """The bundled digits without the validation set's dequantisation noise: validations differ only by what the
+    module draws. A module-level class: ``ddp_spawn`` pickles the datamodule."""
+
+    def setup(self, stage=None):
+        super().setup(stage)
+        self.val_set.transform = image_transform(28, False, False, native_size=28, dequantize=False)
+
+
+class QualityProbe(L.Callback):
+    """Writes, on every rank at the end of training, the ``quality/*`` values in ``trainer.callback_metrics``:
+    ``DIR/quality_rank{R}.json``."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import json
+        import os
+
+        os.makedirs(self.out_dir, exist_ok=True)
+        values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("quality/")}
+        with open(os.path.join(self.out_dir, f"quality_rank{trainer.global_rank}.json"), "w") as f:
+            json.dump(values, f)

@@ -1,11 +1,12 @@
 """ncsn.convert: official ermongroup/ncsn and ermongroup/ncsnv2 checkpoints into ours.
 
-The official files are built here from OUR networks (the official ones compute the same function with the same
-parameter names), renamed, ordered and wrapped as the official runners save them: ``nn.DataParallel``'s
-``module.`` prefix, ermongroup/ncsn's parameter order (its CRP blocks register their convs before their norms),
-Adam state keyed by that order, the legacy (pre-1.6) torch file format with integer Adam steps for
-ermongroup/ncsn, and for ermongroup/ncsnv2 the ``sigmas`` buffer, the epoch and step counters and the EMA
-helper's shadow dict (names without ``module.``). Nothing is downloaded.
+ermongroup/ncsn files are built from the OFFICIAL network's parameter names, shapes and order, kept as data in
+tests/data/ermongroup_ncsn_parameters.txt (read off models/cond_refinenet_dilated.py), not from our network:
+random tensors and Adam moments under those names, keyed by the official order, ``nn.DataParallel``'s ``module.``
+prefix, the legacy (pre-1.6) torch format with integer Adam steps. Those files hold no σ list; the official one
+(configs/anneal.yml: σ 1 -> 0.01, L = 10) is data here too. ermongroup/ncsnv2 files are built from our NCSNv2
+(its names are ours) with the ``sigmas`` buffer, the epoch and step counters and the EMA helper's shadow dict
+(names without ``module.``). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -30,6 +31,41 @@ NCSN_EXP = ["experiment=mnist_paper", "model.net.ngf=8"]
 V2_EXP = ["experiment=cifar10_ncsnv2", "model.net.ngf=8"]
 ADAM_STEPS = 3
 V2_EPOCH, V2_STEP = 4, 11
+#: ermongroup/ncsn configs/anneal.yml (commit 80899cd), ``model``: the σ list of every ermongroup/ncsn model
+OFFICIAL_ANNEAL = {"sigma_begin": 1.0, "sigma_end": 0.01, "num_classes": 10}
+PARAMETER_TABLE = Path(__file__).parent / "data" / "ermongroup_ncsn_parameters.txt"
+
+
+def official_parameters(ngf: int, channels: int = 1) -> OrderedDict[str, tuple[int, ...]]:
+    """ermongroup/ncsn's CondRefineNetDilated parameters (name -> shape) in the official order, from the table."""
+    def size(dim: str) -> int:
+        if dim == "C":
+            return channels
+        if dim == "ngf":
+            return ngf
+        if dim.endswith("*ngf"):
+            return int(dim[:-len("*ngf")]) * ngf
+        return int(dim)
+
+    table = OrderedDict()
+    for line in PARAMETER_TABLE.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, *dims = line.split()
+            table[name] = tuple(size(d) for d in dims)
+    return table
+
+
+def official_ncsn_contents(ngf: int = 8, channels: int = 1, seed: int = 0) -> tuple[OrderedDict, dict]:
+    """Random weights under the official names (official order) and the official Adam state for them: keyed by
+    official position, integer steps (torch < 1.6), moments of each parameter's shape."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = OrderedDict((n, 0.05 * torch.randn(shape, generator=gen))
+                          for n, shape in official_parameters(ngf, channels).items())
+    state = {i: {"step": ADAM_STEPS, "exp_avg": torch.randn(t.shape, generator=gen),
+                 "exp_avg_sq": torch.rand(t.shape, generator=gen)} for i, t in enumerate(weights.values())}
+    group = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False,
+             "params": list(range(len(weights)))}
+    return weights, {"state": state, "param_groups": [group]}
 
 
 def build_model(*overrides: str):
@@ -50,48 +86,22 @@ def adam_after_steps(net: torch.nn.Module, steps: int = ADAM_STEPS, seed: int = 
     return opt
 
 
-def ermongroup_ncsn_order(names: list[str]) -> list[str]:
-    """ermongroup/ncsn's CondCRPBlock registers ``convs`` before ``norms`` (ours: norms first)."""
-    out: list[str] = []
-    for name in names:
-        if name in out:
-            continue
-        if ".crp." in name:
-            block = name.split(".crp.")[0] + ".crp."
-            members = [n for n in names if n.startswith(block)]
-            out += [n for n in members if n.startswith(block + "convs.")]
-            out += [n for n in members if not n.startswith(block + "convs.")]
-        else:
-            out.append(name)
-    return out
-
-
-def official_adam_state(net: torch.nn.Module, opt: torch.optim.Adam, order: list[str], int_steps: bool) -> dict:
-    """``opt.state_dict()`` keyed by the position of each parameter in ``order`` (the official module's)."""
+def ncsnv2_adam_state(opt: torch.optim.Adam) -> dict:
+    """``opt.state_dict()`` as ermongroup/ncsnv2 saves it (its parameter order is ours)."""
     ours = opt.state_dict()
-    our_names = [n for n, _ in net.named_parameters()]
-    position = {n: i for i, n in enumerate(order)}
-    state = {}
-    for i, entry in ours["state"].items():
-        entry = {k: v.clone() for k, v in entry.items()}
-        if int_steps:  # torch < 1.6 kept Adam's step as a Python int
-            entry["step"] = int(entry["step"])
-        state[position[our_names[i]]] = entry
+    state = {i: {k: v.clone() for k, v in entry.items()} for i, entry in ours["state"].items()}
     group = {k: v for k, v in ours["param_groups"][0].items()
-             if k in ("lr", "betas", "eps", "weight_decay", "amsgrad")}
-    return {"state": state, "param_groups": [{**group, "params": list(range(len(order)))}]}
+             if k in ("lr", "betas", "eps", "weight_decay", "amsgrad", "params")}
+    return {"state": state, "param_groups": [group]}
 
 
-def write_ermongroup_ncsn(path: Path, net: torch.nn.Module, opt: torch.optim.Adam, *,
-                          drop: str | None = None, add: str | None = None) -> Path:
+def write_ermongroup_ncsn(path: Path, weights: OrderedDict, adam: dict, *, drop: str | None = None,
+                          add: str | None = None) -> Path:
     """``[score.state_dict(), optimizer.state_dict()]`` as runners/anneal_runner.py saves it (legacy format)."""
-    params = dict(net.named_parameters())
-    order = ermongroup_ncsn_order(list(params))
-    state = OrderedDict((f"module.{n}", params[n].detach().clone()) for n in order if n != drop)
+    state = OrderedDict((f"module.{n}", t) for n, t in weights.items() if n != drop)
     if add:
         state[f"module.{add}"] = torch.zeros(3)
-    torch.save([state, official_adam_state(net, opt, order, int_steps=True)], path,
-               _use_new_zipfile_serialization=False)
+    torch.save([state, adam], path, _use_new_zipfile_serialization=False)
     return path
 
 
@@ -101,8 +111,7 @@ def write_ermongroup_ncsnv2(path: Path, net: torch.nn.Module, opt: torch.optim.A
     runners/ncsn_runner.py saves it: the ``sigmas`` buffer first, EMA names without ``module.``."""
     state = OrderedDict([("module.sigmas", sigmas.clone())])
     state.update((f"module.{n}", p.detach().clone()) for n, p in net.named_parameters())
-    order = [n for n, _ in net.named_parameters()]
-    items = [state, official_adam_state(net, opt, order, int_steps=False), V2_EPOCH, V2_STEP]
+    items = [state, ncsnv2_adam_state(opt), V2_EPOCH, V2_STEP]
     if shadow is not None:
         items.append(shadow)
     torch.save(items, path)
@@ -111,12 +120,10 @@ def write_ermongroup_ncsnv2(path: Path, net: torch.nn.Module, opt: torch.optim.A
 
 @pytest.fixture(scope="module")
 def ncsn_source(tmp_path_factory):
-    """An ermongroup/ncsn file of an NCSN (MNIST, ngf 8, L = 10), with its network and Adam."""
-    torch.manual_seed(0)
-    net = build_model(*NCSN_EXP).net
-    opt = adam_after_steps(net)
-    path = write_ermongroup_ncsn(tmp_path_factory.mktemp("official") / "checkpoint.pth", net, opt)
-    return path, net, opt
+    """An ermongroup/ncsn file of its MNIST network at ngf 8, with its weights and Adam state."""
+    weights, adam = official_ncsn_contents(ngf=8)
+    path = write_ermongroup_ncsn(tmp_path_factory.mktemp("official") / "checkpoint.pth", weights, adam)
+    return path, weights, adam
 
 
 @pytest.fixture(scope="module")
@@ -159,15 +166,28 @@ def net_state(state: dict) -> dict:
     return {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
 
 
-def assert_moments_by_name(ckpt: dict, net: torch.nn.Module, opt: torch.optim.Adam, steps: int) -> None:
-    """Every parameter's Adam moments in the converted checkpoint are the source's for THAT parameter."""
+def assert_moments_by_name(ckpt: dict, our_names: list[str], moments: dict[str, dict], steps: int) -> None:
+    """Every parameter's Adam moments in the converted checkpoint (keyed by OUR position, ``our_names``: the
+    ScoreModel's parameter names) are the source's for THAT parameter (``moments``: network name -> entry)."""
     state = ckpt["optimizer_states"][0]["state"]
-    names = [n for n, _ in net.named_parameters()]  # ScoreModel's parameters are net.* in this order
-    assert sorted(state) == list(range(len(names)))
-    for index, (name, param) in enumerate(net.named_parameters()):
-        assert torch.equal(state[index]["exp_avg"], opt.state[param]["exp_avg"]), name
-        assert torch.equal(state[index]["exp_avg_sq"], opt.state[param]["exp_avg_sq"]), name
+    assert sorted(state) == list(range(len(our_names)))
+    for index, name in enumerate(our_names):
+        source = moments[name[len("net."):]]
+        assert torch.equal(state[index]["exp_avg"], source["exp_avg"]), name
+        assert torch.equal(state[index]["exp_avg_sq"], source["exp_avg_sq"]), name
         assert int(state[index]["step"]) == steps
+
+
+def official_moments(weights: OrderedDict, adam: dict) -> dict[str, dict]:
+    return {name: adam["state"][i] for i, name in enumerate(weights)}
+
+
+def our_moments(net: torch.nn.Module, opt: torch.optim.Adam) -> dict[str, dict]:
+    return {name: opt.state[param] for name, param in net.named_parameters()}
+
+
+def our_parameter_names(*overrides: str) -> list[str]:
+    return [n for n, _ in build_model(*overrides).named_parameters()]
 
 
 def max_abs_diff(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor, levels: torch.Tensor) -> float:
@@ -177,26 +197,31 @@ def max_abs_diff(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor, levels
 
 # ---------------------------------------------------------------------------------------------- round trips
 def test_ermongroup_ncsn_file_converts_exactly_and_sample_py_draws_from_it(ncsn_source, tmp_path):
-    src, net, opt = ncsn_source
+    src, weights, adam = ncsn_source
     out = tmp_path / "ncsn_mnist.ckpt"
     result = run_convert(str(src), *NCSN_EXP, f"out={out}")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "Adam's step count" in result.stdout and f"global_step {ADAM_STEPS}" in result.stdout
+    assert "configs/anneal.yml" in result.stdout
 
     ckpt = load(out)
     expected = build_model(*NCSN_EXP).state_dict()
     assert list(ckpt["state_dict"]) == list(expected)  # ScoreModel keys: sigmas + net.*
     assert all(torch.equal(ckpt["state_dict"][k], ckpt["current_model_state"][k]) for k in expected)  # no EMA
+    for name, tensor in weights.items():  # every official tensor lands under its own name
+        assert torch.equal(ckpt["state_dict"][f"net.{name}"], tensor), name
+    begin, end, n = OFFICIAL_ANNEAL["sigma_begin"], OFFICIAL_ANNEAL["sigma_end"], OFFICIAL_ANNEAL["num_classes"]
+    official_sigmas = torch.tensor(np.exp(np.linspace(np.log(begin), np.log(end), n)), dtype=torch.float32)
+    assert torch.allclose(ckpt["state_dict"]["sigmas"], official_sigmas, rtol=1e-6)
     assert ckpt["global_step"] == ADAM_STEPS and ckpt["ncsn_config"]["run_name"] == "mnist_paper"
     assert ckpt["ncsn_config"]["model"]["net"]["ngf"] == 8 and ckpt["lr_schedulers"] == []
     assert int(ckpt["averaging_state"]["n_averaged"]) == 0
     assert ckpt["ncsn_converted_from"]["format"] == "ermongroup/ncsn"
-    assert_moments_by_name(ckpt, net, opt, ADAM_STEPS)
+    assert_moments_by_name(ckpt, our_parameter_names(*NCSN_EXP), official_moments(weights, adam), ADAM_STEPS)
 
     model, _ = load_model(out)
-    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(3))
-    levels = torch.tensor([0, 3, 6, 9])
-    assert max_abs_diff(model.net, net, x, levels) == 0.0
+    for name, tensor in model.net.state_dict().items():
+        assert torch.equal(tensor, weights[name]), name
 
     run_dir = tmp_path / "samples"
     result = run_entry("sample.py", f"ckpt_path={out}", "num_samples=4", "batch_size=4", "sampler.n_steps_each=1",
@@ -206,18 +231,28 @@ def test_ermongroup_ncsn_file_converts_exactly_and_sample_py_draws_from_it(ncsn_
     assert samples.shape == (4, 28, 28, 1) and samples.std() > 0
 
 
+@pytest.mark.parametrize(("experiment", "ngf", "channels"), [("mnist_paper", 64, 1), ("cifar10_paper", 128, 3),
+                                                             ("celeba_paper", 128, 3)])
+def test_the_paper_networks_have_the_official_parameter_names_and_shapes(experiment, ngf, channels):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["paths.output_dir=/tmp/unused", f"experiment={experiment}"])
+    with torch.device("meta"):  # names and shapes only
+        net = instantiate(cfg.model.net)
+    assert {n: tuple(p.shape) for n, p in net.named_parameters()} == dict(official_parameters(ngf, channels))
+    assert not list(net.buffers())
+
+
 def test_adam_moments_follow_the_parameter_names_not_positions(ncsn_source, tmp_path, capsys):
     """ermongroup/ncsn's parameter order differs from ours in every CRP block: the moments must move with it."""
-    src, net, opt = ncsn_source
-    names = [n for n, _ in net.named_parameters()]
-    official = ermongroup_ncsn_order(names)
-    moved = [n for i, n in enumerate(official) if names[i] != n]
-    assert moved and all(".crp." in n for n in moved)  # the test file really has the official order
+    src, weights, adam = ncsn_source
+    ours = [n[len("net."):] for n in our_parameter_names(*NCSN_EXP)]
+    moved = [n for n, o in zip(weights, ours) if n != o]
+    assert sorted(ours) == sorted(weights) and moved and all(".crp." in n for n in moved)
     code, _, err = convert_in_process(capsys, str(src), *NCSN_EXP, f"out={tmp_path / 'c.ckpt'}", "step=500")
     assert code == 0, err
     ckpt = load(tmp_path / "c.ckpt")
     assert ckpt["global_step"] == 500  # step= wins over Adam's count
-    assert_moments_by_name(ckpt, net, opt, ADAM_STEPS)
+    assert_moments_by_name(ckpt, our_parameter_names(*NCSN_EXP), official_moments(weights, adam), ADAM_STEPS)
 
 
 def test_converted_checkpoint_inpaints_from_the_data_of_its_experiment(ncsn_source, tmp_path):
@@ -252,7 +287,7 @@ def test_ermongroup_ncsnv2_file_places_ema_and_raw_weights_and_sample_py_draws(n
     assert torch.equal(ckpt["state_dict"]["sigmas"], sigmas)
     assert int(ckpt["averaging_state"]["n_averaged"]) == V2_STEP
     assert {"latest_update_step": V2_STEP} in ckpt["callbacks"].values()
-    assert_moments_by_name(ckpt, net, opt, ADAM_STEPS)
+    assert_moments_by_name(ckpt, our_parameter_names(*V2_EXP), our_moments(net, opt), ADAM_STEPS)
 
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     levels = torch.tensor([0, 100, 231])
@@ -285,6 +320,9 @@ def test_ermongroup_ncsnv2_file_without_ema_uses_the_raw_weights(ncsnv2_source, 
 # ---------------------------------------------------------------------------------------------- mistakes
 ERROR_CASES = {
     "sigma_mismatch": ("v2", [*V2_EXP, "sigmas.num_scales=200"], "sigma list"),
+    # the same L = 10 (so the same network), another σ range: ermongroup/ncsn files hold no σ list
+    "ncsn_sigma_range": ("ncsn", [*NCSN_EXP, "sigmas.sigma_max=50"],
+                         "the sigma list of ermongroup/ncsn models (configs/anneal.yml; "),
     "shape_mismatch": ("ncsn", ["experiment=mnist_paper", "model.net.ngf=16"],
                        "begin_conv.weight is [8, 1, 3, 3] in the file but [16, 1, 3, 3]"),
     "other_network": ("ncsn", V2_EXP, "the file holds a noise-conditional NCSN"),
@@ -305,18 +343,18 @@ ERROR_CASES = {
 @pytest.mark.parametrize("case", sorted(ERROR_CASES))
 def test_every_mismatch_is_one_line_exit_2_and_nothing_written(case, ncsn_source, ncsnv2_source, tmp_path, capsys):
     kind, overrides, expected = ERROR_CASES[case]
-    _, net, opt = ncsn_source
+    _, weights, adam = ncsn_source
     src = tmp_path / "checkpoint.pth"
     if kind == "ncsn":
         src = ncsn_source[0]
     elif kind == "v2":
         src = ncsnv2_source[0]
     elif kind == "missing":
-        write_ermongroup_ncsn(src, net, opt, drop="end_conv.bias")
+        write_ermongroup_ncsn(src, weights, adam, drop="end_conv.bias")
     elif kind == "extra":
-        write_ermongroup_ncsn(src, net, opt, add="extra.weight")
+        write_ermongroup_ncsn(src, weights, adam, add="extra.weight")
     elif kind == "deeper":  # the LSUN / FFHQ networks have a fifth encoder stage
-        write_ermongroup_ncsn(src, net, opt, add="res5.0.conv1.weight")
+        write_ermongroup_ncsn(src, weights, adam, add="res5.0.conv1.weight")
     elif kind == "v2_ema_missing":
         _, v2_net, v2_opt, shadow, sigmas = ncsnv2_source
         write_ermongroup_ncsnv2(src, v2_net, v2_opt, sigmas, {k: v for k, v in list(shadow.items())[1:]})
@@ -366,7 +404,7 @@ def test_train_py_fine_tunes_a_converted_checkpoint_from_the_official_step(offic
     model = build_model(*experiment, f"paths.data_dir={data}")
     opt = adam_after_steps(model.net)
     if official == "ncsn":
-        src = write_ermongroup_ncsn(tmp_path / "checkpoint.pth", model.net, opt)
+        src = write_ermongroup_ncsn(tmp_path / "checkpoint.pth", *official_ncsn_contents(ngf=8, channels=3))
         start = ADAM_STEPS
     else:
         shadow = {n: p.detach() + 0.01 for n, p in model.net.named_parameters()}

@@ -1,14 +1,19 @@
 """What a W&B dashboard of the default CPU recipe shows, read back from the offline run's own ``.wandb`` file
-(tests/wandb_records.py), not through our logger calls: a quality curve, the per-σ chart after every
-validation, a handful of per-σ bands instead of 95 scalars, and no fake zeros."""
+(tests/wandb_records.py), not through our logger calls: a quality curve, the per-σ chart at a bounded rate,
+a handful of fixed σ bins instead of 95 scalars (the same keys for any σ list), and no fake zeros."""
 
 from __future__ import annotations
 
 import json
 import re
+from types import SimpleNamespace
 
 from conftest import run_entry
+from lightning.pytorch.loggers import WandbLogger
 from wandb_records import history, run_file
+
+from ncsn.callbacks import SigmaLossChart
+from ncsn.sigmas import geometric_sigmas, sigma_bin_key
 
 # the CPU recipe (95 levels, EMA, its logger: W&B offline), shortened: 3 validations, 2 sampling passes
 SHORT_CPU = ["experiment=cpu", "trainer.max_time=null", "trainer.max_steps=60", "trainer.val_check_interval=20",
@@ -25,27 +30,69 @@ def test_the_cpu_recipes_wandb_run_has_a_quality_curve_a_sigma_chart_and_no_fake
     def steps_with(key):
         return [int(r["trainer/global_step"]) for r in rows if key in r]
 
-    # the quality curve: the digit metric at both sampling passes, with its floor and class shares
-    assert steps_with("quality/fd_ratio") == [30, 60]
-    for row in (r for r in rows if "quality/fd_ratio" in r):
-        assert row["quality/fd_ratio"] > 1.0 and row["quality/fd_floor"] > 0 and 0 <= row["quality/degenerate"] <= 1
+    # the quality curve: the digit metric at both sampling passes, with its standard error, floors and class shares
+    assert steps_with("quality/kid") == [30, 60]
+    for row in (r for r in rows if "quality/kid" in r):
+        assert row["quality/kid"] > row["quality/kid_std"] > 0 and 0 <= row["quality/degenerate"] <= 1
         assert abs(row["quality/fd"] / row["quality/fd_floor"] - row["quality/fd_ratio"]) < 1e-6
     assert len(steps_with("samples/grid/filenames")) == 2  # one sampling pass serves the grid and the metric
-    # the per-σ chart after each of the 3 validations
-    assert len(steps_with("val/loss_vs_sigma_table/path")) == 3
-    # per-σ loss: 5 bands, never a per-level key for 95 levels, and no value is a fake 0
+    # the per-σ chart at the first validation and at the end (bounded: not after every validation)
+    assert steps_with("val/loss_vs_sigma_table/path") == [20, 60]
+    # per-σ loss: the fixed σ bins of 15.77 -> 0.01, never a per-level key for 95 levels, no fake 0
     keys = {k for r in rows for k in r}
-    assert not any(re.fullmatch(r"val/loss_sigma_\d+", k) for k in keys)
-    assert {k for k in keys if k.startswith("val/loss_band_")} == {f"val/loss_band_{i}" for i in range(5)}
+    assert not any(re.fullmatch(r"val/loss_(sigma|band)_\d+", k) for k in keys)
+    assert {k for k in keys if k.startswith("val/loss_sigma")} == {
+        sigma_bin_key(s) for s in geometric_sigmas(15.77, 0.01, 95).tolist()}
     for row in rows:
         for key, value in row.items():
             if key.startswith(("val/loss", "train/loss")) and isinstance(value, float):
                 assert value > 0, (key, value)
     # the final value is in metrics.json, with the whole curve
     record = json.loads((run_dir / "metrics.json").read_text())
-    assert record["quality"]["metric"] == "quality/fd_ratio"
+    assert record["quality"]["metric"] == "quality/kid"
     assert [h["step"] for h in record["quality"]["history"]] == [30, 60]
-    assert record["metrics"]["quality/fd_ratio"] == record["quality"]["history"][-1]["quality/fd_ratio"]
+    assert record["metrics"]["quality/kid"] == record["quality"]["history"][-1]["quality/kid"]
     curve = record["per_sigma"]
     assert len(curve["sigma"]) == len(curve["loss"]) == 95 and sum(curve["count"]) == 64  # 2 batches of 32
     assert all((loss is None) == (count == 0) for loss, count in zip(curve["loss"], curve["count"]))
+
+
+class ChartRecorder(WandbLogger):
+    """A W&B logger (offline, never started) that records the steps it was given a per-σ chart at."""
+
+    def __init__(self, save_dir):
+        super().__init__(offline=True, save_dir=str(save_dir))
+        self.chart_steps: list[int] = []
+
+    def log_metrics(self, metrics, step=None):
+        if "val/loss_vs_sigma" in metrics:
+            self.chart_steps.append(step)
+
+
+def test_the_sigma_chart_is_logged_at_a_bounded_rate_and_at_the_end(tmp_path):
+    """mnist_paper validates every epoch (about 35 steps): over 200k steps that was about 5,700 W&B tables."""
+    logger = ChartRecorder(tmp_path)
+    chart = SigmaLossChart(max_lines=3, every_n_steps=10_000)
+    trainer = SimpleNamespace(sanity_checking=False, loggers=[logger], global_step=0)
+    module = SimpleNamespace(val_per_level=None)
+    for step in range(35, 200_001, 35):
+        trainer.global_step = step
+        module.val_per_level = {"step": step, "sigma": [1.0, 0.1], "loss": [0.5, None], "count": [3, 0]}
+        chart.on_validation_end(trainer, module)
+        chart.on_validation_end(trainer, module)  # a second validation at the same step adds nothing
+    chart.on_train_end(trainer, module)
+    assert len(logger.chart_steps) == 21 and logger.chart_steps[0] == 35 and logger.chart_steps[-1] == 199_990
+    assert all(b - a >= 10_000 for a, b in zip(logger.chart_steps[:-2], logger.chart_steps[1:-1]))
+    assert [c["step"] for c in chart._curves] == logger.chart_steps[-3:]  # the last max_lines lines
+
+
+def test_every_n_steps_0_charts_every_validation(tmp_path):
+    logger = ChartRecorder(tmp_path)
+    chart = SigmaLossChart(every_n_steps=0)
+    trainer = SimpleNamespace(sanity_checking=False, loggers=[logger], global_step=0)
+    for step in (10, 20, 30):
+        trainer.global_step = step
+        chart.on_validation_end(trainer, SimpleNamespace(val_per_level={"step": step, "sigma": [1.0], "loss": [0.5],
+                                                                        "count": [1]}))
+    chart.on_train_end(trainer, None)
+    assert logger.chart_steps == [10, 20, 30]

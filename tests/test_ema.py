@@ -3,7 +3,8 @@ raw weights for validation, the sample grid and checkpoints before the EMA start
 
 Three tiny real runs of 3 steps, same seed: EMA off, EMA on (decay 0.9, from the first step) and EMA starting
 at step 1000 (never, here). 3 steps with checkpoints every 2 means last.ckpt is written after fit ends (by
-ncsn.training.FinalLastCheckpoint, the last callback), i.e. after the other callbacks' on_train_end.
+ncsn.checkpoints.FinalStepCheckpoint, a ModelCheckpoint: Lightning runs it last), i.e. after the other callbacks'
+on_train_end.
 """
 
 from __future__ import annotations
@@ -226,3 +227,23 @@ def test_validation_measures_the_trained_weights_and_logs_the_averages_beside_th
     off = json.loads((off_run / "metrics.json").read_text())["metrics"]
     assert on["val/loss"] == off["val/loss"]  # same seed, same raw weights: EMA does not change val/loss
     assert "val_ema/loss" in on and on["val_ema/loss"] != on["val/loss"] and "val_ema/loss" not in off
+
+
+class AverageOnAnotherDevice(L.Callback):
+    """Moves the EMA's average to the meta device when training starts: a stand-in, on a CPU-only machine, for
+    ``callbacks.ema.device=cpu`` on a GPU run (an average that is not where the validation batches are)."""
+
+    def on_train_start(self, trainer, pl_module):
+        ema = next(cb for cb in trainer.callbacks if isinstance(cb, EMA))
+        ema._average_model.module.to("meta")
+
+
+def test_an_average_on_another_device_than_the_batches_skips_val_ema_with_one_line(tmp_path, monkeypatch, caplog):
+    caplog.set_level("INFO", logger="ncsn")
+    train_in_process(monkeypatch, tmp_path, [EMA_ON, "callbacks.sample_grid=null", "callbacks.model_checkpoint=null"],
+                     AverageOnAnotherDevice())
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    assert "val/loss" in metrics and "val_ema/loss" not in metrics
+    lines = [r.getMessage() for r in caplog.records if "val_ema/loss is not computed" in r.getMessage()]
+    assert lines == [("val_ema/loss is not computed: the EMA average lives on meta (callbacks.ema.device), the "
+                      "validation batches on cpu")]  # once, though the run validates twice

@@ -10,10 +10,11 @@ import lightning as L
 import pytest
 import torch
 from fakes import fake_inception_weights
-from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ncsn.ema import EMA
 from ncsn.errors import ConfigError
 from ncsn.metrics import (
     FIDCallback,
@@ -155,7 +156,7 @@ def test_missing_inception_weights_file_is_a_one_line_config_error(tmp_path):
     with pytest.raises(ConfigError) as err:
         compute_image_metrics(blobs(4, 0), blobs(4, 1), feature=2048, inception_weights=str(missing))
     message = str(err.value)
-    assert "\n" not in message and str(missing) in message and "fid.inception_weights=" in message
+    assert "\n" not in message and str(missing) in message and "paths.inception_weights=" in message
     with pytest.raises(ConfigError):
         build_fid_metric(2048, inception_weights=missing)
 
@@ -165,7 +166,7 @@ def test_offline_without_weights_says_where_to_put_them(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as err:
         resolve_inception_weights(None, allow_download=False)
     message = str(err.value)
-    assert "\n" not in message and "fid.inception_weights=" in message
+    assert "\n" not in message and "paths.inception_weights=" in message
     assert str(tmp_path / "hub" / "checkpoints") in message
     # a file in torch hub's cache is found without any configuration
     cached = tmp_path / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
@@ -199,7 +200,7 @@ def test_standard_inception_from_a_weights_file_takes_grey_28x28_images(tmp_path
     assert (out["num_real"], out["num_fake"]) == (4, 4)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(ConfigError, match="fid.inception_weights="):
+    with pytest.raises(ConfigError, match="paths.inception_weights="):
         build_fid_metric(64, inception_weights=garbage)
 
 
@@ -309,20 +310,29 @@ def test_fid_callback_cadence_and_first_validation():
     assert [step for step, _ in late.history] == [4]
 
 
-class MarkerAveraging(WeightAveraging):
-    """'Averaging' whose average is always -7 after the first update, so EMA weights are easy to spot."""
-
-    def __init__(self):
-        super().__init__(avg_fn=lambda averaged, current, num: torch.full_like(current, -7.0))
+# TinyModel's w (SGD 0.1 on (w - 1)²): 0.3 at the start, then after 1, 2 and 4 steps
+W_AFTER = {1: 0.44, 2: 0.552, 4: 0.71328}
 
 
 @pytest.mark.parametrize("ema_first", [True, False])
-def test_fid_callback_samples_with_ema_weights_whatever_the_callback_order(ema_first):
+def test_fid_callback_samples_the_ema_average_without_swapping_whatever_the_callback_order(ema_first):
+    """ncsn.ema.EMA with decay 1 keeps the first update (w after step 1) as its average: FID samples come from
+    that averaged model; the module, holding the raw weights throughout, never samples and never holds it."""
     cb = FIDCallback(every_n_steps=2, num_samples=16, num_real=16, batch_size=16, feature="small")
-    ema = MarkerAveraging()
+    ema = EMA(decay=1.0)
     _, model = fit([ema, cb] if ema_first else [cb, ema])
-    assert model.sampled_with == [-7.0, -7.0]
-    assert -7.0 not in model.trained_with  # the training weights are back after each validation
+    assert ema._average_model.module.sampled_with == pytest.approx([W_AFTER[1], W_AFTER[1]])
+    assert model.sampled_with == []  # nothing was swapped into the module for sampling
+    assert model.trained_with[2] == pytest.approx(W_AFTER[2])  # the step after a validation: still raw weights
+
+
+@pytest.mark.parametrize("ema_first", [True, False])
+def test_fid_callback_samples_the_raw_weights_before_the_ema_starts(ema_first):
+    cb = FIDCallback(every_n_steps=2, num_samples=16, num_real=16, batch_size=16, feature="small")
+    ema = EMA(decay=0.5, update_starting_at_step=1000)
+    _, model = fit([ema, cb] if ema_first else [cb, ema])
+    assert model.sampled_with == pytest.approx([W_AFTER[2], W_AFTER[4]])  # not the initial network's 0.3
+    assert ema._average_model.module.sampled_with == []
 
 
 def test_fid_callback_rejects_bad_settings():

@@ -18,8 +18,32 @@ from ncsn.callbacks import MetricsFileCallback, SampleGridCallback
 
 STEPS, BATCH = 6, 2
 # Validation at step 5, sample grids at step 4 and at the end, checkpoints at steps 3 and 6: each kind of pause
-# adds >= 0.8 s in steps of its own (a pause left out with another one at the same step would test nothing).
+# in steps of its own (a pause left out with another one at the same step would test nothing), and each longer
+# than all the training steps together, so counting any of them is unmistakable.
 STEP_S, VAL_S, GRID_S, SAVE_S = 0.05, 0.8, 0.8, 0.4
+
+
+class VirtualClock:
+    """``time.perf_counter`` that moves only by the pauses the test makes (``time.sleep``): the durations the
+    callback measures are exactly those pauses, on any machine and under any load (a wall-clock bound on the
+    steps' own overhead -- Lightning's hooks, the optimizer -- failed on busy or slower CI machines)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch) -> VirtualClock:
+    virtual = VirtualClock()
+    monkeypatch.setattr(time, "perf_counter", virtual.perf_counter)
+    monkeypatch.setattr(time, "sleep", virtual.sleep)
+    return virtual
 
 
 class Slow(L.LightningModule):
@@ -43,15 +67,20 @@ class Slow(L.LightningModule):
 
 
 class SlowSave(L.Callback):
+    def __init__(self) -> None:
+        self.saves = 0
+
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.saves += 1
         time.sleep(SAVE_S)
 
 
 @pytest.mark.parametrize("metrics_first", [True, False])
-def test_train_seconds_leave_out_validation_checkpoints_and_sample_grids(tmp_path, metrics_first, caplog):
+def test_train_seconds_leave_out_validation_checkpoints_and_sample_grids(tmp_path, metrics_first, caplog, clock):
     caplog.set_level(logging.INFO, logger="ncsn")
     metrics = MetricsFileCallback(tmp_path / "metrics.json")
-    others = [SampleGridCallback(every_n_steps=4, num_samples=4), SlowSave(),
+    slow_save = SlowSave()
+    others = [SampleGridCallback(every_n_steps=4, num_samples=4), slow_save,
               ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)]
     callbacks = [metrics, *others] if metrics_first else [*others, metrics]
     data = DataLoader(TensorDataset(torch.randn(3 * BATCH, 4)), batch_size=BATCH)  # 3 batches an epoch
@@ -64,14 +93,18 @@ def test_train_seconds_leave_out_validation_checkpoints_and_sample_grids(tmp_pat
     assert sorted(p.name for p in (tmp_path / "samples").glob("step_*.png")) == ["step_0000004.png",
                                                                                 "step_0000006.png"]
     assert len(list((tmp_path / "ckpt").glob("*.ckpt"))) == 2
-    assert record["wall_seconds"] >= VAL_S + 2 * GRID_S + 2 * SAVE_S + STEPS * STEP_S
-    # Counting any kind of pause would add >= 0.8 s. The first step is timed on its own (first_step_seconds) and
-    # left out. First in the callback list (where ncsn.training.build puts it) every other step is counted;
-    # elsewhere the step whose segment held the step-4 grid is left out with it.
-    lowest = (STEPS - 1) * STEP_S if metrics_first else (STEPS - 2) * STEP_S
-    assert lowest <= record["train_seconds"] < (STEPS - 1) * STEP_S + 0.5
+    assert slow_save.saves >= 2
+    # On the virtual clock every duration is a sum of the pauses, exactly (up to float rounding): the wall time
+    # holds all of them, the training time only the steps'.
+    paused = VAL_S + 2 * GRID_S + slow_save.saves * SAVE_S
+    assert record["wall_seconds"] == pytest.approx(paused + STEPS * STEP_S, abs=1e-9)
+    # The first step is timed on its own (first_step_seconds) and left out. First in the callback list (where
+    # ncsn.training.build puts it) every other step is counted; elsewhere the step whose segment held the step-4
+    # grid is left out with it. Counting any pause would add >= SAVE_S = 0.4 s.
+    counted = STEPS - 1 if metrics_first else STEPS - 2
+    assert record["train_seconds"] == pytest.approx(counted * STEP_S, abs=1e-9)
     assert record["train_steps"] == STEPS
-    assert STEP_S <= record["first_step_seconds"] < STEP_S + 0.5
+    assert record["first_step_seconds"] == pytest.approx(STEP_S, abs=1e-9)
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("first training step took")]
     assert logged == [(f"first training step took {record['first_step_seconds']:.2f} s (includes torch.compile / "
                        "CUDA-graph capture when the fast path is on)")]

@@ -1,5 +1,6 @@
 """The built-in sample-quality metrics (ncsn.metrics.quality): the shipped digit classifier, the digit metric,
-the toy-mixture metric, the image fallback without Inception weights, and which metric each dataset gets.
+the toy-mixture metric, the image metrics with and without Inception weights, which metric and primary key each
+dataset gets, and that every primary key means the same at any sample count.
 
 Nothing downloads: CIFAR-10 is a tiny set of real-format files (tests/fakes.py); the standard Inception is
 only built from a fake weights file.
@@ -13,14 +14,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from fakes import fake_inception_weights, write_cifar
+from fakes import fake_inception_weights, write_cifar, write_mnist
+from omegaconf import OmegaConf
 
 from ncsn.data import ImageDataModule, ToyDataModule
 from ncsn.data.datasets import GMM_MEANS, GMM_WEIGHTS, gmm_sample
 from ncsn.metrics import (
     DigitQuality,
-    InceptionFIDQuality,
-    PixelFrechetQuality,
+    InceptionQuality,
+    PixelQuality,
     SampleQuality,
     ToyMixtureQuality,
     digits,
@@ -28,7 +30,9 @@ from ncsn.metrics import (
     quality_metric_for,
     quality_metric_for_data,
 )
+from ncsn.metrics.distances import KernelReference, kernel_distance
 from ncsn.metrics.quality import degenerate_mask, frechet_distance, gaussian_stats
+from ncsn.metrics.registry import primary_quality_key
 
 N = 256
 
@@ -40,7 +44,18 @@ def as_images(u8: torch.Tensor) -> torch.Tensor:
 
 def check_result(metric: SampleQuality, result: dict) -> None:
     assert metric.name in result and set(result) == set(metric.keys)
+    assert metric.name == primary_quality_key_of(metric)
     assert all(k.startswith("quality/") and type(v) is float for k, v in result.items())
+
+
+def primary_quality_key_of(metric: SampleQuality) -> str:
+    kind = {DigitQuality: "mnist_bundled", ToyMixtureQuality: "toy_gmm"}.get(type(metric))
+    return primary_quality_key(kind) if kind else metric.name
+
+
+def blurred(u8: torch.Tensor) -> torch.Tensor:
+    """Real digits blurred by a 3x3 box filter: recognisable but visibly off (a stand-in for a sampler's)."""
+    return torch.nn.functional.avg_pool2d(u8.float()[:, None] / 255.0, 3, 1, 1)
 
 
 @pytest.fixture(scope="module")
@@ -118,25 +133,39 @@ def test_retraining_recreates_a_classifier_that_scores_like_the_shipped_file(tmp
 # ---- digits ------------------------------------------------------------------------------------------------
 
 
+def test_the_primary_digit_value_means_the_same_at_64_and_256_samples(digit_quality, split):
+    """Issue 24: the same 256 samples scored at N = 64 and N = 256 give primary values within 30 %, where the
+    Fréchet ratio of the old primary moves with N."""
+    noisy = (as_images(split["train_images"][:N])
+             + 0.25 * torch.randn(N, 1, 28, 28, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    for name, samples in (("blurred", blurred(split["train_images"][:N])), ("noisy", noisy)):
+        small, full = digit_quality(samples[:64]), digit_quality(samples)
+        assert full["quality/kid"] > 5 * full["quality/kid_std"]  # clearly off: a value, not noise
+        assert abs(small["quality/kid"] / full["quality/kid"] - 1) < 0.3, (small["quality/kid"], full["quality/kid"])
+        print(f"{name} digits at N = 64 / 256: kid {small['quality/kid']:.3g} / {full['quality/kid']:.3g}, "
+              f"fd_ratio {small['quality/fd_ratio']:.3g} / {full['quality/fd_ratio']:.3g}")
+
+
 @pytest.mark.parametrize("n", [64, N])
-def test_real_digits_score_about_one(digit_quality, split, n):
+def test_real_digits_score_zero_up_to_their_standard_error(digit_quality, split, n):
     # real training digits that are not the floor's own subset
     idx = torch.as_tensor(digit_quality._order[n : 2 * n])
     result = digit_quality(as_images(split["train_images"][idx]))
     check_result(digit_quality, result)
-    assert 0.5 < result["quality/fd_ratio"] < 2.0
-    assert result["quality/fd_floor"] == pytest.approx(digit_quality.floor(n))
+    assert abs(result["quality/kid"]) < 3 * result["quality/kid_std"] + 0.02
+    assert abs(result["quality/kid_floor"]) < 0.2  # the floor: real digits, 0 up to noise
     assert result["quality/fd_ratio"] == pytest.approx(result["quality/fd"] / result["quality/fd_floor"])
     assert result["quality/degenerate"] == 0.0
     assert result["quality/class_share_max_dev"] < (0.15 if n == 64 else 0.06)
 
 
-def test_noise_and_constant_images_score_badly(digit_quality):
+def test_noise_and_constant_images_score_badly(digit_quality, split):
     noise = torch.rand(N, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     grey = torch.full((N, 1, 28, 28), 0.3)
+    blur = digit_quality(blurred(split["train_images"][:N]))["quality/kid"]
     for images in (noise, grey):
         result = digit_quality(images)
-        assert result["quality/fd_ratio"] > 20 and result["quality/degenerate"] == 1.0
+        assert result["quality/kid"] > 10 * blur and result["quality/degenerate"] == 1.0
         assert result["quality/class_share_max_dev"] == pytest.approx(0.9)  # no class shares: the worst value
     # diverged samples (NaN, inf) score as blank images instead of NaN
     broken = noise.clone()
@@ -149,7 +178,7 @@ def test_one_repeated_digit_has_one_class(digit_quality, split):
     result = digit_quality(as_images(split["val_images"][:1].repeat(64, 1, 1)))
     assert result["quality/class_share_max_dev"] == pytest.approx(0.9)
     assert (result["quality/class_share_max"], result["quality/class_share_min"]) == (1.0, 0.0)
-    assert result["quality/degenerate"] == 0.0 and result["quality/fd_ratio"] > 5
+    assert result["quality/degenerate"] == 0.0 and result["quality/kid"] > 1.0
 
 
 def test_digit_metric_takes_every_image_layout_and_any_n(digit_quality, split):
@@ -157,7 +186,7 @@ def test_digit_metric_takes_every_image_layout_and_any_n(digit_quality, split):
     ref = digit_quality(as_images(u8))
     assert digit_quality(u8.numpy()[..., None]) == pytest.approx(ref)  # samples.npz: uint8 [N, 28, 28, 1]
     assert digit_quality(u8) == pytest.approx(ref)
-    assert math.isfinite(digit_quality(as_images(split["val_images"][:2]))["quality/fd_ratio"])
+    assert math.isfinite(digit_quality(as_images(split["val_images"][:2]))["quality/kid"])
     with pytest.raises(ValueError, match="at least 2"):
         digit_quality(as_images(u8[:1]))
 
@@ -174,6 +203,59 @@ def test_frechet_distance_of_known_gaussians():
     assert frechet_distance(gaussian_stats(a), gaussian_stats(a)) == pytest.approx(0.0, abs=1e-9)
 
 
+def test_kernel_distance_is_unbiased_and_its_jackknife_error_is_honest():
+    """Same law as the reference: the mean over many draws is the same at N = 8 as at N = 128 (about 0: the fixed
+    reference's own small offset), where a biased estimator would move by its 1/N term, and the spread of the
+    values matches the reported standard error; another law: the same positive value at both N."""
+    rng = np.random.default_rng(1)
+    reference = KernelReference.of(rng.normal(size=(400, 4)))
+    means, ses = [], []
+    for n in (8, 128):
+        same = [kernel_distance(rng.normal(size=(n, 4)), reference) for _ in range(400)]
+        values, errors = np.array([v for v, _ in same]), np.array([e for _, e in same])
+        means.append(values.mean())
+        ses.append(values.std() / math.sqrt(len(values)))
+        assert 0.6 < np.median(errors) / values.std() < 1.6
+    assert abs(means[0] - means[1]) < 4 * math.hypot(*ses) and abs(means[1]) < 0.01
+    shifted = [np.mean([kernel_distance(rng.normal(size=(n, 4)) + 0.5, reference)[0] for _ in range(100)])
+               for n in (8, 128)]
+    assert shifted[0] == pytest.approx(shifted[1], rel=0.15) and shifted[1] > 0.1
+
+
+# ---- held-out references -----------------------------------------------------------------------------------
+
+
+def test_the_bundled_reference_is_the_runs_held_out_digits(caplog):
+    """Default: the split's 500 held-out digits, none in the training split. data.val_size < 500: the run's own
+    held-out digits (one warning line), never digits the run trains on."""
+    dm = ImageDataModule("mnist_bundled")
+    metric = quality_metric_for(dm, num_samples=16)
+    assert metric.reference_count == 500
+    held_out = {bytes(x) for x in dm.val_set.images.numpy()}
+    assert not held_out & {bytes(x) for x in dm.train_set.images.numpy()}
+    small = ImageDataModule("mnist_bundled", val_size=100)
+    with caplog.at_level(logging.WARNING):
+        metric = quality_metric_for(small, num_samples=16)
+    assert metric.reference_count == 100
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "val_size=100" in warnings[0] and "\n" not in warnings[0]
+    reference = KernelReference.of(digits.features(metric.model, small.val_set.images))
+    assert np.allclose(metric.kernel_reference.feats, reference.feats)
+    assert not {bytes(x) for x in small.val_set.images.numpy()} & {bytes(x) for x in small.train_set.images.numpy()}
+
+
+def test_mnist_on_disk_is_scored_against_its_test_set(tmp_path):
+    written = write_mnist(tmp_path, n_train=40, n_test=30)
+    metric = quality_metric_for(ImageDataModule("mnist", data_dir=tmp_path), num_samples=16)
+    assert isinstance(metric, DigitQuality) and metric.reference_count == 30
+    t10k = torch.from_numpy(written["t10k"][0])
+    assert np.allclose(metric.kernel_reference.feats, digits.features(metric.model, t10k))
+    from ncsn.errors import DataNotFoundError
+
+    with pytest.raises(DataNotFoundError, match="t10k"):
+        quality_metric_for(ImageDataModule("mnist", data_dir=tmp_path / "empty"), num_samples=16)
+
+
 # ---- toy mixture -------------------------------------------------------------------------------------------
 
 
@@ -188,14 +270,21 @@ def test_toy_metric_on_the_true_and_a_wrong_mixture():
     assert GMM_WEIGHTS.tolist() == pytest.approx([0.2, 0.8])
     true = metric(gmm_sample(1000, torch.Generator().manual_seed(1)))
     check_result(metric, true)
-    assert true["quality/mode_weight_error"] < 0.03 and true["quality/sliced_wasserstein"] < 0.3
+    assert true["quality/mode_weight_error"] < 0.03 and abs(true["quality/energy_distance"]) < 0.05
     wrong = metric(two_modes(1000, 0.5, seed=2))
     assert wrong["quality/mode_weight_error"] == pytest.approx(0.3, abs=0.05)
-    assert wrong["quality/sliced_wasserstein"] > 5 * true["quality/sliced_wasserstein"]
-    assert metric(two_modes(1000, 0.2, seed=3))["quality/sliced_wasserstein"] < 0.3  # same law, other draw
+    assert wrong["quality/energy_distance"] > 1.0 and wrong["quality/sliced_wasserstein"] > 1.0
+    assert abs(metric(two_modes(1000, 0.2, seed=3))["quality/energy_distance"]) < 0.05  # same law, other draw
     assert all(math.isfinite(v) for v in metric(torch.full((8, 2), float("nan"))).values())
     with pytest.raises(ValueError, match=r"\[N, 2\]"):
         metric(torch.zeros(8, 3))
+
+
+def test_the_toy_primary_means_the_same_at_64_and_256_points():
+    metric = ToyMixtureQuality(256)
+    wide = gmm_sample(256, torch.Generator().manual_seed(5)) * 1.3  # modes too wide
+    small, full = metric(wide[:64]), metric(wide)
+    assert abs(small["quality/energy_distance"] / full["quality/energy_distance"] - 1) < 0.3
 
 
 # ---- other images ------------------------------------------------------------------------------------------
@@ -206,15 +295,15 @@ def no_inception_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
 
 
-def cifar(tmp_path):
-    write_cifar(tmp_path, per_batch=4, n_test=6)
+def cifar(tmp_path, n_test=6):
+    write_cifar(tmp_path, per_batch=4, n_test=n_test)
     return ImageDataModule("cifar10", data_dir=tmp_path, verify_checksums=False)
 
 
 def test_cifar_without_inception_weights_falls_back_to_pixels_with_one_warning(
     tmp_path, no_inception_weights, caplog
 ):
-    dm = cifar(tmp_path)
+    dm = cifar(tmp_path, n_test=300)
     rng_state = torch.get_rng_state()
     with caplog.at_level(logging.WARNING):
         metric = quality_metric_for(dm, num_samples=12)
@@ -222,18 +311,19 @@ def test_cifar_without_inception_weights_falls_back_to_pixels_with_one_warning(
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1
     message = warnings[0].getMessage()
-    assert "\n" not in message and "quality/fd_pixels" in message and "inception_weights" in message
+    assert "\n" not in message and "quality/kid_pixels" in message and "paths.inception_weights=" in message
     assert "weights-inception-2015-12-05-6726825d.pth" in message
-    assert isinstance(metric, PixelFrechetQuality)
-    real = torch.stack([dm.val_set[i][0] for i in range(6)] + [dm.train_set[i][0] for i in range(6)])
+    assert isinstance(metric, PixelQuality) and metric.reference_count == 300  # more than 256, all held out
+    assert metric.name == primary_quality_key(OmegaConf.create({"name": "cifar10"})) == "quality/kid_pixels"
+    real = torch.stack([dm.val_set[i][0] for i in range(150, 300)])  # real images (noise of another draw)
     same = metric(real)
     check_result(metric, same)
-    assert "quality/fid" not in same and same["quality/fd_pixels"] < 1e-3  # the real side itself (same noise)
-    assert (
-        metric(torch.full((12, 3, 32, 32), 0.5))["quality/fd_pixels"] > 100 * same["quality/fd_pixels"] + 0.1
-    )
+    assert "quality/kid" not in same and abs(same["quality/kid_pixels"]) < 3 * same["quality/kid_pixels_std"] + 1
+    assert abs(same["quality/kid_pixels_floor"]) < 5
+    grey = metric(torch.full((12, 3, 32, 32), 0.1))  # the fake CIFAR images are uniform noise: mean 0.5
+    assert grey["quality/kid_pixels"] > 100 * abs(same["quality/kid_pixels"]) + 10
     with pytest.raises(ValueError, match="3, 32, 32"):
-        metric(torch.rand(4, 1, 28, 28))
+        metric(torch.rand(4, 3, 28, 28))
 
 
 def test_a_missing_explicit_inception_weights_file_is_an_error(tmp_path, no_inception_weights):
@@ -241,21 +331,23 @@ def test_a_missing_explicit_inception_weights_file_is_an_error(tmp_path, no_ince
 
     if not inception_available():
         pytest.skip("torch-fidelity is not installed")
-    with pytest.raises(ConfigError, match="fid.inception_weights="):
+    with pytest.raises(ConfigError, match="paths.inception_weights="):
         quality_metric_for(cifar(tmp_path), num_samples=4, inception_weights=tmp_path / "missing.pth")
 
 
 @pytest.mark.skipif(not inception_available(), reason="torch-fidelity is not installed")
-def test_cifar_with_inception_weights_gives_fid(tmp_path, no_inception_weights, monkeypatch, caplog):
+def test_cifar_with_inception_weights_gives_kid(tmp_path, no_inception_weights, monkeypatch, caplog):
     weights = tmp_path / "inception.pth"
     fake_inception_weights(weights, monkeypatch)
     with caplog.at_level(logging.WARNING):
         metric = quality_metric_for(cifar(tmp_path), num_samples=4, device="cpu", inception_weights=weights)
-    assert isinstance(metric, InceptionFIDQuality) and metric.name == "quality/fid"
+    assert isinstance(metric, InceptionQuality) and metric.name == "quality/kid"
+    assert primary_quality_key("cifar10", inception_weights=weights) == "quality/kid"
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     result = metric(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
     check_result(metric, result)
-    assert math.isfinite(result["quality/fid"])
+    assert set(result) == {"quality/kid", "quality/kid_std", "quality/kid_floor", "quality/fid"}
+    assert all(math.isfinite(v) for v in result.values())
 
 
 # ---- which metric ------------------------------------------------------------------------------------------
@@ -263,20 +355,15 @@ def test_cifar_with_inception_weights_gives_fid(tmp_path, no_inception_weights, 
 
 def test_each_datamodule_gets_its_metric(tmp_path, no_inception_weights):
     assert isinstance(quality_metric_for(ImageDataModule("mnist_bundled"), num_samples=16), DigitQuality)
-    # torchvision MNIST: the metric needs no files (the reference is the bundled digits)
-    assert isinstance(
-        quality_metric_for(ImageDataModule("mnist", data_dir=tmp_path), num_samples=16), DigitQuality
-    )
     assert isinstance(quality_metric_for(ToyDataModule(), num_samples=16), ToyMixtureQuality)
-    assert isinstance(quality_metric_for(cifar(tmp_path), num_samples=4), PixelFrechetQuality)
+    assert isinstance(quality_metric_for(cifar(tmp_path), num_samples=4), PixelQuality)
     bigger = quality_metric_for(ImageDataModule("mnist_bundled", image_size=32), num_samples=4)
-    assert isinstance(bigger, PixelFrechetQuality) and bigger.shape == (1, 32, 32)
+    assert isinstance(bigger, PixelQuality) and bigger.shape == (1, 32, 32)
+    assert primary_quality_key({"name": "mnist_bundled", "image_size": 32}) == "quality/kid_pixels"
     assert quality_metric_for(object(), num_samples=16) is None
 
 
 def test_from_a_data_config_or_a_name(tmp_path, no_inception_weights):
-    from omegaconf import OmegaConf
-
     assert isinstance(quality_metric_for_data("mnist_bundled", num_samples=8), DigitQuality)
     assert isinstance(quality_metric_for_data("toy_gmm", num_samples=8), ToyMixtureQuality)
     assert quality_metric_for_data("imagenet", num_samples=8) is None
@@ -295,6 +382,33 @@ def test_from_a_data_config_or_a_name(tmp_path, no_inception_weights):
         }
     )
     write_cifar(tmp_path)
-    assert isinstance(quality_metric_for_data(cfg.data, num_samples=4), PixelFrechetQuality)
+    assert isinstance(quality_metric_for_data(cfg.data, num_samples=4), PixelQuality)
     toy = OmegaConf.create({"_target_": "ncsn.data.ToyDataModule", "n_train": 100})
     assert isinstance(quality_metric_for_data(toy, num_samples=8), ToyMixtureQuality)
+
+
+# ---- one Inception-weights setting for train.py and sample.py ---------------------------------------------
+
+
+def test_paths_inception_weights_reaches_the_training_quality_pass_and_sample_py(tmp_path, no_inception_weights,
+                                                                                 monkeypatch):
+    from types import SimpleNamespace
+
+    from conftest import ROOT
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+
+    weights = tmp_path / "inception.pth"
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        train_cfg = compose(config_name="train", overrides=["experiment=cpu", f"paths.inception_weights={weights}"])
+        sample_cfg = compose(config_name="sample", overrides=[f"paths.inception_weights={weights}"])
+    GlobalHydra.instance().clear()
+    assert train_cfg.callbacks.sample_grid.inception_weights == str(weights) == sample_cfg.fid.inception_weights
+    if not inception_available():
+        pytest.skip("torch-fidelity is not installed")
+    fake_inception_weights(weights, monkeypatch)
+    callback = instantiate(train_cfg.callbacks.sample_grid)
+    metric = callback.quality_metric(SimpleNamespace(datamodule=cifar(tmp_path)), SimpleNamespace(device="cpu"))
+    assert isinstance(metric, InceptionQuality)

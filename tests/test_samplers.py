@@ -210,13 +210,13 @@ def test_named_functions_equal_the_dispatch_and_pc_denoise_is_its_last_predictor
     sigmas = geometric_sigmas(1.0, 0.01, 6)
     score = mixture_score_fn(sigmas)
     x = torch.rand(4, 2)
-    run = lambda fn, *a, **k: fn(score, x, sigmas, *a, generator=torch.Generator().manual_seed(0), **k)  # noqa: E731
+    run = lambda fn, *a, **k: fn(score, x, sigmas, *a, generator=torch.Generator().manual_seed(0), **k)
     assert torch.equal(run(predictor_corrector, 2, 0.2), run(sample, {"name": "pc", "n_corrector": 2, "snr": 0.2}))
     assert torch.equal(run(consistent_annealed, 2, 8e-5), run(sample, {"name": "cas", "n_steps_each": 2,
                                                                           "step_lr": 8e-5}))
     # predictor only, one level: x + sigma^2 s(x) (+ sigma z without denoising)
     one = torch.tensor([0.5])
-    const = lambda y, lv: torch.ones_like(y)  # noqa: E731
+    const = lambda y, lv: torch.ones_like(y)
     den = predictor_corrector(const, x, one, 0, denoise=True)
     torch.testing.assert_close(den, x + 0.25)
     g = torch.Generator().manual_seed(9)

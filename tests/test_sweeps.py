@@ -24,7 +24,7 @@ from PIL import Image
 
 from ncsn.report import NO_METRICS, make_report
 from ncsn.report import main as report_main
-from ncsn.sigmas import suggest_schedule, technique2_value
+from ncsn.sigmas import geometric_sigmas, sigma_bin_key, suggest_schedule, technique2_value
 from ncsn.sweeps import apply_sweep_metadata, override_items, sweep_keys, swept_items
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,7 +111,9 @@ def test_multirun_writes_one_dir_per_job(toy_sweeps):
         swept = {k: v for k, v in override_items(overrides) if k.startswith("sigmas.")}
         seen.add((swept["sigmas.sigma_max"], swept["sigmas.num_scales"]))
         n = int(swept["sigmas.num_scales"])
-        assert {f"val/loss_sigma_{i}" for i in range(n)} <= set(record["metrics"]), record["metrics"]
+        sigmas = geometric_sigmas(float(swept["sigmas.sigma_max"]), 1.0, n).tolist()  # the toy: σ down to 1
+        bins = {k for k in record["metrics"] if k.startswith("val/loss_sigma")}
+        assert bins == {sigma_bin_key(s) for s in sigmas}, record["metrics"]  # fixed σ bins, not level indices
         assert sorted((d / "samples").glob("step_*.png"))
         assert (d / "checkpoints" / "config.yaml").is_file()
     assert seen == {("10", "5"), ("10", "10"), ("20", "5"), ("20", "10")}
@@ -135,22 +137,22 @@ def test_report_over_the_toy_sweep(toy_sweeps, tmp_path):
     assert len(rows) == 4
     assert {"job", "sigmas.sigma_max", "sigmas.num_scales", "status", "val/loss", "images_per_second",
             "global_step", "error"} <= set(columns)
-    assert [f"val/loss_sigma_{i}" for i in range(10)] == [c for c in columns if c.startswith("val/loss_sigma_")]
+    bin_cols = [c for c in columns if c.startswith("val/loss_sigma")]
+    assert bin_cols and all(c.startswith("val/loss_sigma_bin/") for c in bin_cols)  # shared by every σ list
     assert "experiment" not in columns and "trainer.max_steps" not in columns  # fixed, not swept
     assert [r["job"] for r in rows] == ["0", "1", "2", "3"]
     for row in rows:
         assert row["status"] == "ok" and row["error"] == ""
         assert float(row["val/loss"]) > 0 and float(row["images_per_second"]) > 0 and row["global_step"] == "10"
-        n = int(row["sigmas.num_scales"])
-        assert all(row[f"val/loss_sigma_{i}"] != "" for i in range(n))
-        assert all(row[f"val/loss_sigma_{i}"] == "" for i in range(n, 10))
+        sigmas = geometric_sigmas(float(row["sigmas.sigma_max"]), 1.0, int(row["sigmas.num_scales"])).tolist()
+        assert {c for c in bin_cols if row[c] != ""} == {sigma_bin_key(s) for s in sigmas}
     assert_png(sweep / "val_loss_per_sigma.png")
     assert_png(sweep / "samples_side_by_side.png")
     md = (sweep / "report.md").read_text()
     assert "sigmas.sigma_max" in md and "val_loss_per_sigma.png" in md
     # ranked by the toy mixture's sample-quality metric, which every job logged at its end
-    assert "best quality/sliced_wasserstein" in md and "ranked by quality/sliced_wasserstein" in md
-    by_quality = sorted(rows, key=lambda r: float(r["quality/sliced_wasserstein"]))
+    assert "best quality/energy_distance" in md and "ranked by quality/energy_distance" in md
+    by_quality = sorted(rows, key=lambda r: float(r["quality/energy_distance"]))
     assert [r["rank"] for r in by_quality] == ["1", "2", "3", "4"]
     assert md.count("\n| ") >= 5  # header + 4 rows
 
@@ -222,9 +224,12 @@ def hydra_job(tmp_path):
         full = compose(config_name="train", overrides=["experiment=toy_gmm", "logger=wandb"],
                        return_hydra_config=True)
 
-    def set_job(task: list[str], mode: RunMode = RunMode.MULTIRUN, params: dict | None = None):
+    def set_job(task: list[str], mode: RunMode = RunMode.MULTIRUN, params: dict | None = None,
+                sweeper: str | None = None):
         hydra_cfg = full.copy()
         with read_write(hydra_cfg), open_dict(hydra_cfg):
+            if sweeper is not None:
+                hydra_cfg.hydra.sweeper._target_ = sweeper
             hydra_cfg.hydra.mode = mode
             hydra_cfg.hydra.job.num = 3
             hydra_cfg.hydra.sweep.dir = str(sweep_dir)
@@ -238,6 +243,74 @@ def hydra_job(tmp_path):
 
     yield set_job, sweep_dir
     HydraConfig.instance().cfg = None
+
+
+def test_auto_optimized_metric_is_resolved_once_per_sweep_from_the_data_config(hydra_job, caplog):
+    """Issue 24 (2): the first job fixes the key for the whole sweep (from its data config, not from what it
+    logged); a later job whose config would give another key optimises the sweep's key, and fails with one line
+    when it cannot log it, instead of returning another quantity."""
+    import logging
+
+    from ncsn.sweeps import OPTIMIZED_METRIC_FILE, resolve_optimized_metric
+    from ncsn.training import OptimizedMetricMissing, optimized_value
+
+    set_job, sweep_dir = hydra_job
+
+    def optuna_job(task):
+        return set_job(task, sweeper="hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper")
+
+    basic = set_job(["experiment=toy_gmm"])  # the basic sweeper compares nothing: no sweep-wide key
+    assert resolve_optimized_metric(basic) == "quality/energy_distance"
+    assert not (sweep_dir / OPTIMIZED_METRIC_FILE).exists()
+    cfg = optuna_job(["experiment=toy_gmm"])
+    assert resolve_optimized_metric(cfg) == "quality/energy_distance"
+    assert (sweep_dir / OPTIMIZED_METRIC_FILE).read_text().strip() == "quality/energy_distance"
+    other = optuna_job(["experiment=toy_gmm", "callbacks.sample_grid=null"])
+    with open_dict(other):
+        other.callbacks.sample_grid = None  # this job's own key would be val/loss
+    with caplog.at_level(logging.WARNING):
+        assert resolve_optimized_metric(other) == "quality/energy_distance"
+    assert any("this sweep optimises quality/energy_distance" in r.getMessage() for r in caplog.records)
+    with pytest.raises(OptimizedMetricMissing, match="optimized_metric quality/energy_distance was not logged"):
+        optimized_value("quality/energy_distance", {"val/loss": 1.0})
+    assert optimized_value("quality/energy_distance", {"quality/energy_distance": 0.5}) == 0.5
+
+
+def test_the_optimized_metric_comes_from_the_config_not_from_what_was_logged(tmp_path, monkeypatch):
+    from ncsn.sweeps import resolve_optimized_metric, run_quality_key
+
+    monkeypatch.setattr("torch.hub.get_dir", lambda: str(tmp_path / "hub"))
+    cfg = OmegaConf.create({"optimized_metric": "auto", "paths": {"inception_weights": None},
+                            "data": {"_target_": "ncsn.data.ImageDataModule", "name": "cifar10"},
+                            "callbacks": {"sample_grid": {"quality": True}}})
+    assert resolve_optimized_metric(cfg) == "quality/kid_pixels"  # no weights: the pixel KID, decided up front
+    cfg.paths.inception_weights = str(tmp_path / "weights.pth")
+    assert run_quality_key(cfg) == "quality/kid"
+    cfg.data = {"_target_": "ncsn.data.ImageDataModule", "name": "mnist_bundled"}
+    assert resolve_optimized_metric(cfg) == "quality/kid"
+    cfg.callbacks.sample_grid.quality = False
+    assert resolve_optimized_metric(cfg) == "val/loss"
+    cfg.optimized_metric = "val/loss_sigma_bin/1-2"
+    assert resolve_optimized_metric(cfg) == "val/loss_sigma_bin/1-2"
+
+
+def test_a_failed_sweep_job_returns_no_number(hydra_job):
+    """NaN makes Optuna's tell() raise inside the Optuna sweeper's own error handler (the whole study ends); a
+    non-number is recorded as a FAILED trial and the study goes on."""
+    from ncsn.app import user_errors_exit
+    from ncsn.errors import UserError
+
+    set_job, sweep_dir = hydra_job
+    cfg = set_job(["experiment=toy_gmm"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(sweep_dir / "3")
+
+    @user_errors_exit
+    def task(cfg):
+        raise UserError("optimized_metric quality/kid was not logged by this run")
+
+    assert task(cfg) is None
+    assert (sweep_dir / "3" / "error.txt").read_text().startswith("optimized_metric quality/kid")
 
 
 def test_sweep_metadata_groups_tags_and_names_the_wandb_run(hydra_job):
@@ -355,12 +428,13 @@ def _check_ddp_sweep(tmp_path: Path, extra: list[str]) -> None:
     errors = {p.parent.name: p.read_text() for p in sweep.glob("*/error.txt")}
     assert not errors, errors
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp_sweep"]  # no outputs/, no lightning_logs/
-    assert sorted(p.name for p in sweep.iterdir()) == ["0", "1", "multirun.yaml"]
+    assert sorted(p.name for p in sweep.iterdir()) == ["0", "1", "multirun.yaml", "optimized_metric.txt"]
     for d in job_dirs(sweep):
         record = json.loads((d / "metrics.json").read_text())
         assert record["global_step"] == 4
         n = 5 + int(d.name)
-        assert f"val/loss_sigma_{n - 1}" in record["metrics"] and f"val/loss_sigma_{n}" not in record["metrics"]
+        assert record["per_sigma"]["count"] and len(record["per_sigma"]["sigma"]) == n
+        assert {sigma_bin_key(s) for s in geometric_sigmas(20.0, 1.0, n).tolist()} <= set(record["metrics"])
         subdirs = {p.relative_to(d).parts[0] for p in d.rglob("*") if p.is_dir()}
         assert subdirs <= {".hydra", "checkpoints", "csv", "samples"}, subdirs
         assert OmegaConf.load(d / "checkpoints" / "config.yaml").sigmas.num_scales == n
@@ -555,6 +629,6 @@ def test_a_sigma_max_sweep_of_the_cpu_recipe_is_ranked_by_sample_quality_and_the
     _, rows = read_csv(sweep / "report.csv")
     by_sigma = {r["sigmas.sigma_max"]: r for r in rows}
     assert by_sigma["15.77"]["rank"] == "1" and by_sigma["1"]["rank"] == "2", rows
-    assert float(by_sigma["15.77"]["quality/fd_ratio"]) < float(by_sigma["1"]["quality/fd_ratio"])
+    assert float(by_sigma["15.77"]["quality/kid"]) < float(by_sigma["1"]["quality/kid"])
     md = (sweep / "report.md").read_text()
-    assert "best quality/fd_ratio" in md and "sigmas.sigma_max=15.77" in md.split("best quality/fd_ratio")[1][:80]
+    assert "best quality/kid" in md and "sigmas.sigma_max=15.77" in md.split("best quality/kid")[1][:80]

@@ -94,7 +94,8 @@ def test_short_run_writes_checkpoints_grid_wandb_image_config_and_metrics(traine
     assert wandb_images, "the sample grid must be logged to W&B (offline) inside the run dir"
     record = json.loads((trained_run / "metrics.json").read_text())
     assert record["global_step"] == 4
-    assert {f"val/loss_sigma_{i}" for i in range(10)} <= set(record["metrics"])
+    assert {k for k in record["metrics"] if k.startswith("val/loss_sigma")} == {  # the fixed σ bins of 1 -> 0.01
+        f"val/loss_sigma_bin/{b}" for b in ("1-2", "0.5-1", "0.2-0.5", "0.1-0.2", "0.05-0.1", "0.02-0.05", "0.01-0.02")}
     info = json.loads((ckpt_dir / "run_info.json").read_text())
     assert info["torch"] == torch.__version__ and info["ncsn"]
     ckpt = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
@@ -149,7 +150,7 @@ def test_the_last_lines_name_the_grid_and_checkpoint_and_a_sampling_command_that
     last = result.stdout.strip().splitlines()[-4:]
     ckpt = run.resolve() / "checkpoints" / "last.ckpt"
     assert last[0] == f"samples grid:   {run.resolve() / 'samples' / 'step_0000004.png'}", result.stdout[-2000:]
-    assert re.fullmatch(r"sample quality: quality/fd_ratio [\d.]+ \(final samples; lower is better\)", last[1]), last
+    assert re.fullmatch(r"sample quality: quality/kid -?[\d.e+-]+ \(final samples; lower is better\)", last[1]), last
     assert last[2] == f"checkpoint:     {ckpt}" and ckpt.is_file()
     prefix, _, command = last[3].partition(": ")
     assert prefix == "sample from it" and command.endswith(f"sample.py ckpt_path={ckpt} num_samples=256"), last

@@ -53,9 +53,11 @@ def user_errors_exit(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig]
                 log.exception("run failed")
             record_failure(cfg, line)
             if _in_multirun() and os.environ.get("HYDRA_FULL_ERROR") != "1":
-                # one failed job must not end the sweep: it is recorded (error.txt) and the sweep goes on
+                # one failed job must not end the sweep: it is recorded (error.txt) and the sweep goes on. It returns
+                # None, not NaN: the Optuna sweeper records a non-number as a FAILED trial, while NaN makes
+                # optuna's tell() raise inside the sweeper's own error handler and ends the whole study
                 log.error("job failed: %s", line)
-                return float("nan")
+                return None
             if user_error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             print(f"error: {user_error}", file=sys.stderr, flush=True)
@@ -175,6 +177,8 @@ def wandb_logger(**kwargs: Any):
     from lightning.pytorch.loggers import WandbLogger
 
     logger = WandbLogger(**kwargs)
+    # Private, and no public way exists: WandbLogger always puts the key in the kwargs it keeps for wandb.init, and
+    # wandb reports it with termwarn, which no warnings filter reaches. Pinned by tests/test_train_app.py.
     if logger._wandb_init.get("anonymous") is None:
         logger._wandb_init.pop("anonymous", None)
     return logger

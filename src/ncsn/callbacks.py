@@ -8,24 +8,14 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
 from ncsn.data.transforms import to_image_range
-from ncsn.ema import ema_started
+from ncsn.ema import averaged_module
 
 log = logging.getLogger("ncsn")
-
-
-def averaged_module(trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningModule:
-    """The EMA copy of the module when a WeightAveraging callback is attached and has started averaging
-    (``n_averaged > 0``; before that the copy is the initial random network), else the module itself."""
-    for callback in trainer.callbacks:
-        if isinstance(callback, WeightAveraging) and ema_started(callback):
-            return callback._average_model.module
-    return pl_module
 
 
 def image_grid(samples: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
@@ -45,19 +35,6 @@ def scatter_image(points: torch.Tensor, size: int = 256, extent: float = 10.0) -
     return img
 
 
-def primary_quality_keys() -> tuple[str, ...]:
-    """The primary key of every built-in sample-quality metric (``ncsn.metrics``), lower is better for each."""
-    from ncsn.metrics.image_quality import InceptionFIDQuality, PixelFrechetQuality
-    from ncsn.metrics.quality import DigitQuality, ToyMixtureQuality
-
-    return tuple(cls.name for cls in (DigitQuality, ToyMixtureQuality, InceptionFIDQuality, PixelFrechetQuality))
-
-
-def quality_key_in(metrics) -> str | None:
-    """The primary sample-quality key present in ``metrics`` (a run's logged metrics), or None."""
-    return next((key for key in primary_quality_keys() if key in metrics), None)
-
-
 class SampleGridCallback(L.Callback):
     """Every ``every_n_steps`` training steps and at the end of training, on rank zero: draw ``num_samples``
     samples with annealed Langevin (the EMA weights once EMA has started) from a fixed seed, and from that one
@@ -66,13 +43,16 @@ class SampleGridCallback(L.Callback):
     * save the grid of the first ``grid_size`` as ``<run dir>/samples/step_XXXXXXX.png`` and log it to every
       attached logger as ``samples/grid`` (a ``wandb.Image`` for W&B, an image for TensorBoard);
     * with ``quality`` on, score all of them with the dataset's built-in sample-quality metric
-      (``ncsn.metrics.quality_metric_for``: the digit classifier's Fréchet distance over its floor on MNIST, the
-      sliced Wasserstein distance on the toy mixture, FID on other images) and log its ``quality/*`` values to
-      every logger at that step. The last values are in ``trainer.callback_metrics`` (so ``metrics.json``,
-      ``optimized_metric`` and checkpoint monitors see them), the whole curve in :attr:`quality_history`.
+      (``ncsn.metrics.quality_metric_for``: the kernel distance in the digit classifier's features on MNIST,
+      the energy distance on the toy mixture, KID in Inception features (or pooled pixels) on other images) and
+      log its ``quality/*`` values to every logger at that step. Rank zero broadcasts the values, so on EVERY rank
+      they are in ``trainer.callback_metrics`` at that step (``metrics.json``, ``optimized_metric`` and
+      ``ModelCheckpoint(monitor="quality/...")`` see them); the whole curve is in :attr:`quality_history`.
 
     ``sampler`` overrides the module's sampler settings for these passes (e.g. fewer steps). The metric's real
-    side (reference features, floors) is computed once, at the first pass.
+    side (reference features, floors) is computed once, at the first pass. ``inception_weights`` (the setting
+    ``paths.inception_weights``, shared with sample.py) is the standard Inception's weights file for non-digit
+    images.
     """
 
     def __init__(
@@ -85,6 +65,7 @@ class SampleGridCallback(L.Callback):
         dirname: str = "samples",
         grid_size: int | None = 64,
         quality: bool = True,
+        inception_weights: str | None = None,
     ) -> None:
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
@@ -94,6 +75,7 @@ class SampleGridCallback(L.Callback):
         self.dirname = dirname
         self.grid_size = grid_size
         self.quality = quality
+        self.inception_weights = inception_weights or None
         self._metric = None
         self._metric_built = False
         #: the quality values of every pass so far: [{"step": ..., "quality/...": ...}, ...]
@@ -119,18 +101,29 @@ class SampleGridCallback(L.Callback):
 
             self._metric_built = True
             datamodule = getattr(trainer, "datamodule", None)
-            self._metric = quality_metric_for(datamodule, num_samples=self.num_samples, device=pl_module.device)
+            self._metric = quality_metric_for(datamodule, num_samples=self.num_samples, device=pl_module.device,
+                                              inception_weights=self.inception_weights)
             if self._metric is not None:
                 log.info("sample quality: %s, %d samples every %s steps: %s", self._metric.name, self.num_samples,
                          self.every_n_steps or "(end only)", self._metric.description)
         return self._metric
 
-    @rank_zero_only
     def make_grid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
+        """One pass (called on every rank at the same step): rank zero samples, saves and logs the grid and scores
+        the samples; then every rank gets the quality values (one broadcast). Returns the grid's path (rank 0)."""
         step = trainer.global_step
         if step == self._last_step:
             return None
         self._last_step = step
+        path, values = self._sample_and_score(trainer, pl_module, step) if trainer.is_global_zero else (None, None)
+        if self.quality and trainer.world_size > 1:
+            values = trainer.strategy.broadcast(values, src=0)
+        if values:
+            self.quality_history.append({"step": step, **values})
+            trainer.callback_metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()})
+        return path
+
+    def _sample_and_score(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int):
         module = averaged_module(trainer, pl_module)
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         samples = module.sample(self.num_samples, generator=generator, **self.sampler)
@@ -147,36 +140,52 @@ class SampleGridCallback(L.Callback):
                 logger.log_image(key="samples/grid", images=[str(path)], step=step, caption=[f"step {step}"])
             elif isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("samples/grid", grid, global_step=step)
-        self._score(trainer, pl_module, samples, step)
-        return path
+        return path, self._score(trainer, pl_module, samples, step)
 
-    def _score(self, trainer: L.Trainer, pl_module: L.LightningModule, samples: torch.Tensor, step: int) -> None:
+    def _score(self, trainer: L.Trainer, pl_module: L.LightningModule, samples: torch.Tensor,
+               step: int) -> dict[str, float] | None:
         metric = self.quality_metric(trainer, pl_module)
         if metric is None:
-            return
+            return None
         values = metric(samples if samples.ndim == 2 else to_image_range(samples.float()))
-        self.quality_history.append({"step": step, **values})
         for logger in trainer.loggers:
             logger.log_metrics(values, step=step)
-        trainer.callback_metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()})
         log.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+        return values
 
 
 class SigmaLossChart(L.Callback):
-    """After every validation, on rank zero: the validation loss against σ (``ScoreModel.val_per_level``) as one
-    W&B line chart ``val/loss_vs_sigma`` with a line per validation (the last ``max_lines``), so the per-σ
-    loss reads as one picture instead of a scalar per level. Loggers other than W&B get nothing from it
+    """On rank zero: the validation loss against σ (``ScoreModel.val_per_level``) as one W&B line chart
+    ``val/loss_vs_sigma`` with a line per charted validation (the last ``max_lines``), so the per-σ loss reads as
+    one picture instead of a scalar per level. W&B keeps every chart as a Table file, so it is charted at a
+    bounded rate: at the first validation, then at the first one at least ``every_n_steps`` after the last
+    chart (``<= 0``: every validation), and at the end of training with the last validation's curve: at most
+    ``max_steps / every_n_steps + 2`` tables per run. Loggers other than W&B get nothing from it
     (``metrics.json`` keeps the last curve under ``per_sigma``)."""
 
-    def __init__(self, max_lines: int = 8) -> None:
+    def __init__(self, max_lines: int = 8, every_n_steps: int = 10_000) -> None:
         self.max_lines = max_lines
-        self._curves: list[dict] = []
+        self.every_n_steps = int(every_n_steps)
+        self._curves: list[dict] = []  # the charted ones
+        self._unsent: dict | None = None  # the last validation's curve when it was not charted
 
     @rank_zero_only
     def on_validation_end(self, trainer, pl_module) -> None:
         curve = getattr(pl_module, "val_per_level", None)
         if trainer.sanity_checking or curve is None or (self._curves and self._curves[-1]["step"] == curve["step"]):
             return
+        if self._curves and curve["step"] - self._curves[-1]["step"] < self.every_n_steps:
+            self._unsent = curve
+            return
+        self._chart(trainer, curve)
+
+    @rank_zero_only
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._unsent is not None:
+            self._chart(trainer, self._unsent)
+
+    def _chart(self, trainer, curve: dict) -> None:
+        self._unsent = None
         self._curves = [*self._curves, curve][-self.max_lines:]
         wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         if not wandb_loggers:
@@ -367,12 +376,24 @@ class MetricsFileCallback(L.Callback):
             "per_sigma": getattr(pl_module, "val_per_level", None),
             # the built-in sample-quality metric: its primary key (lower is better) and every pass's values
             "quality": self._quality(trainer),
+            # checkpoints/best.ckpt (ncsn.best_checkpoint): the best quality pass's step and value, None without one
+            "best_checkpoint": self._best_checkpoint(trainer),
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".part")
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         os.replace(tmp, self.path)
 
+
+    @staticmethod
+    def _best_checkpoint(trainer) -> dict | None:
+        from ncsn.best_checkpoint import BestQualityCheckpoint
+
+        for cb in trainer.callbacks:
+            if isinstance(cb, BestQualityCheckpoint) and cb.best_model_path:
+                return {"path": cb.best_model_path, "metric": cb.monitor, "step": cb.best_step,
+                        "value": float(cb.best_model_score)}
+        return None
 
     @staticmethod
     def _quality(trainer) -> dict | None:

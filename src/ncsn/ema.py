@@ -17,7 +17,7 @@ resumes, validates and runs under DDP:
   (``update_starting_at_step``) the average is the initial random network; checkpoints hold the raw weights
   as ``state_dict`` then, so sampling from them does not draw from an untrained network.
 
-``ncsn.callbacks.averaged_module`` (sample grid, quality metric) uses the average once it has started.
+:func:`averaged_module` (sample grid, quality metric, FID) gives the average once it has started.
 A resume with EMA switched off (``callbacks.ema=null``) continues from ``current_model_state``
 (``ncsn.module.ScoreModel.on_load_checkpoint``).
 """
@@ -25,11 +25,14 @@ A resume with EMA switched off (``callbacks.ema=null``) continues from ``current
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
+
+log = logging.getLogger("ncsn")
 
 
 def ema_update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor, *,
@@ -50,6 +53,22 @@ def ema_started(callback: WeightAveraging) -> bool:
     return average is not None and int(average.n_averaged) > 0
 
 
+def weight_averaging(trainer: L.Trainer) -> WeightAveraging | None:
+    """The trainer's weight-averaging callback (this module's :class:`EMA` or any Lightning ``WeightAveraging``),
+    or None."""
+    return next((cb for cb in trainer.callbacks if isinstance(cb, WeightAveraging)), None)
+
+
+def averaged_module(trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningModule:
+    """The module to sample and score with: the EMA copy once the average has started (``n_averaged > 0``;
+    before that the copy is the initial random network), else ``pl_module`` itself (raw weights, or no EMA).
+    Never swaps weights: ``pl_module`` keeps the raw ones."""
+    callback = weight_averaging(trainer)
+    if callback is not None and ema_started(callback):
+        return callback._average_model.module
+    return pl_module
+
+
 class EMA(WeightAveraging):
     """Exponential moving average of the weights (see the module docstring).
 
@@ -57,7 +76,9 @@ class EMA(WeightAveraging):
         decay: the EMA decay (0.999 in NCSNv2).
         update_every_n_steps: update the average every N optimizer steps.
         update_starting_at_step: first optimizer step (0-based) that updates the average (None: from the first).
-        device: where the average lives (default: with the module).
+        device: where the average lives (default: with the module). Elsewhere (``cpu`` on a GPU run, to save GPU
+            memory) ``val_ema/loss`` is not computed (one info line says so: the average would need the batches
+            moved to it and a CPU pass over the validation set), and the sample grid samples on that device.
         use_buffers: average the buffers too.
         validate: also compute the average's validation loss, logged as ``val_ema/loss``.
     """
@@ -77,6 +98,7 @@ class EMA(WeightAveraging):
         self.validate = validate
         self._val_sum: torch.Tensor | None = None
         self._val_count: torch.Tensor | None = None
+        self._said_elsewhere = False
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         if step_idx is None:
@@ -91,9 +113,17 @@ class EMA(WeightAveraging):
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """No swap: validation measures the weights being trained. Starts the average's own validation sums."""
         self._val_sum = self._val_count = None
-        if self.validate and ema_started(self) and hasattr(pl_module, "validation_loss"):
-            self._val_sum = torch.zeros((), dtype=torch.float64, device=pl_module.device)
-            self._val_count = torch.zeros((), dtype=torch.float64, device=pl_module.device)
+        if not (self.validate and ema_started(self) and hasattr(pl_module, "validation_loss")):
+            return
+        where = next(self._average_model.module.parameters()).device
+        if where != pl_module.device:
+            if trainer.is_global_zero and not self._said_elsewhere:
+                log.info("val_ema/loss is not computed: the EMA average lives on %s (callbacks.ema.device), the "
+                         "validation batches on %s", where, pl_module.device)
+            self._said_elsewhere = True
+            return
+        self._val_sum = torch.zeros((), dtype=torch.float64, device=pl_module.device)
+        self._val_count = torch.zeros((), dtype=torch.float64, device=pl_module.device)
 
     @torch.no_grad()
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,

@@ -257,3 +257,30 @@ if __name__ == "__main__":  # python -m ncsn.sigmas suggest data=<name> steps_ea
     import runpy
 
     runpy.run_module("ncsn.schedule_cli", run_name="__main__", alter_sys=True)
+
+
+# ---------------------------------------------------------------------------------------------- σ bins (logging)
+#: fixed log-σ bin edges of the per-σ validation losses: 1-2-5 per decade from 0.001 to 1000, the same in every run
+SIGMA_BIN_EDGES: tuple[float, ...] = tuple(float(f"{m}e{e}") for e in range(-3, 3) for m in (1, 2, 5)) + (1000.0,)
+SIGMA_BIN_PREFIX = "val/loss_sigma_bin/"
+
+
+def sigma_bin_key(sigma: float) -> str:
+    """The per-σ validation key of the fixed bin [lo, hi) holding ``sigma``, e.g. ``val/loss_sigma_bin/0.5-1``
+    (below 0.001: ``0-0.001``; from 1000 on: ``1000-inf``). A float32 σ a hair below an edge (0.0099999998 for
+    0.01) counts as the edge."""
+    edges = SIGMA_BIN_EDGES
+    sigma = float(sigma) * (1 + 1e-6)
+    if sigma < edges[0]:
+        lo, hi = 0.0, edges[0]
+    elif sigma >= edges[-1]:
+        lo, hi = edges[-1], math.inf
+    else:
+        i = max(k for k in range(len(edges) - 1) if edges[k] <= sigma)
+        lo, hi = edges[i], edges[i + 1]
+    return f"{SIGMA_BIN_PREFIX}{lo:g}-{hi:g}"
+
+
+def sigma_bin_low(key: str) -> float:
+    """The lower edge of a ``sigma_bin_key`` key (to sort them by σ)."""
+    return float(key.removeprefix(SIGMA_BIN_PREFIX).split("-")[0])

@@ -19,6 +19,7 @@ every override of the job counts as swept. ``ncsn.report`` uses the same helpers
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -135,3 +136,58 @@ def apply_sweep_metadata(cfg: DictConfig) -> None:
         cfg.logger.wandb.tags = tags
         cfg.logger.wandb.name = base if job_num is None else f"{base}-{job_num}"
     log.info("W&B: group %s, run %s, tags %s", cfg.logger.wandb.group, cfg.logger.wandb.name, tags)
+
+
+# ------------------------------------------------------------------------------------------------ optimized_metric
+OPTIMIZED_METRIC_FILE = "optimized_metric.txt"
+
+
+def run_quality_key(cfg: DictConfig) -> str | None:
+    """The primary sample-quality key a training config will log (``ncsn.metrics.registry``), or None when its
+    sample grid or quality pass is off or its data has no metric. Decided from the config alone."""
+    from ncsn.metrics.registry import primary_quality_key
+
+    grid = OmegaConf.select(cfg, "callbacks.sample_grid", default=None)
+    if not grid or not grid.get("quality", True) or "data" not in cfg:
+        return None
+    return primary_quality_key(cfg.data, inception_weights=OmegaConf.select(cfg, "paths.inception_weights",
+                                                                            default=None))
+
+
+def _record_once(path: Path, key: str) -> str:
+    """Write ``key`` to ``path`` unless it exists (atomically: the first writer wins); return what it holds."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(key + "\n")
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.read_text().strip()
+
+
+def resolve_optimized_metric(cfg: DictConfig) -> str | None:
+    """``optimized_metric``, with ``auto`` resolved from the config: the primary sample-quality key of the data
+    config (``run_quality_key``), else ``val/loss``. In a sweep whose sweeper compares the returned values (Optuna,
+    anything but Hydra's basic sweeper) it is resolved ONCE per sweep: the first job records it in
+    ``<sweep dir>/optimized_metric.txt`` and every later job optimises that key (so a study never mixes
+    quantities); a job whose own config would give another key says so in one line."""
+    name = cfg.get("optimized_metric")
+    if name != "auto":
+        return name
+    key = run_quality_key(cfg) or "val/loss"
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return key
+    if str(OmegaConf.select(HydraConfig.get(), "sweeper._target_", default="")).endswith("BasicSweeper"):
+        return key  # the basic sweeper compares no return values (e.g. data=mnist,cifar10): each job its own key
+    sweep_dir = Path(str(HydraConfig.get().sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    recorded = _record_once(sweep_dir / OPTIMIZED_METRIC_FILE, key)
+    if recorded != key:
+        log.warning("optimized_metric=auto: this sweep optimises %s (%s), but this job's config logs %s; "
+                    "the job fails unless it logs %s", recorded, sweep_dir / OPTIMIZED_METRIC_FILE, key, recorded)
+    return recorded

@@ -25,8 +25,9 @@ from ncsn.checkpoints import (
     check_checkpoint_path,
     load_checkpoint,
 )
-from ncsn.errors import ConfigError
-from ncsn.sweeps import apply_sweep_metadata
+from ncsn.console import print_closing_lines
+from ncsn.errors import ConfigError, UserError
+from ncsn.sweeps import apply_sweep_metadata, resolve_optimized_metric, run_quality_key
 
 log = logging.getLogger("ncsn")
 
@@ -72,13 +73,13 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     """Build every object of a training run from its config (nothing is run)."""
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     model: L.LightningModule = instantiate(cfg.model)
+    resolve_quality_monitors(cfg)
     callbacks: list[L.Callback] = instantiate_group(cfg.get("callbacks"))
     resolved = OmegaConf.to_container(cfg, resolve=True)
     callbacks.append(RunRecordCallback(resolved, output_dir(cfg) / "checkpoints"))
     callbacks.insert(0, MetricsFileCallback(output_dir(cfg) / "metrics.json"))  # first: its hooks time the steps
     # before the other callbacks' (sample grids) and end the training time before the end-of-training grid
     callbacks.append(RngStateCallback())
-    callbacks.append(FinalLastCheckpoint())  # last: after the other callbacks' on_train_end
     fall_back_to_offline_wandb(cfg)
     loggers = instantiate_group(cfg.get("logger"))
     if not loggers:  # nothing to report learning rates to (Lightning would refuse to start)
@@ -94,6 +95,24 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         per_device_batch_size(cfg.data.batch_size, trainer.world_size)
     return {"datamodule": datamodule, "model": model, "callbacks": callbacks, "loggers": loggers,
             "trainer": trainer}
+
+
+def resolve_quality_monitors(cfg: DictConfig) -> None:
+    """Callbacks configured with ``monitor: auto`` (``callbacks.best_checkpoint``) monitor the run's primary
+    sample-quality key (``ncsn.sweeps.run_quality_key``); without one (quality off, data without a metric) they are
+    dropped, with one line."""
+    nodes = {name: node for name, node in (cfg.get("callbacks") or {}).items()
+             if isinstance(node, DictConfig) and node.get("monitor") == "auto"}
+    if not nodes:
+        return
+    key = run_quality_key(cfg)
+    with open_dict(cfg):
+        for name in nodes:
+            if key is None:
+                log.info("callbacks.%s: no sample-quality metric in this run, so no best-quality checkpoint", name)
+                cfg.callbacks[name] = None
+            else:
+                cfg.callbacks[name].monitor = key
 
 
 def wandb_has_credentials() -> bool:
@@ -163,26 +182,6 @@ def reset_distributed(saved_env: dict) -> None:
             os.environ[key] = value
 
 
-class FinalLastCheckpoint(L.Callback):
-    """Makes ``last.ckpt`` hold the final step. Lightning only refreshes it at its periodic saves, so a run that
-    stops between two (``max_time``, ``max_steps`` not a multiple of the interval) would keep older weights.
-    Saved in ``on_train_end``, inside the training processes (under ``ddp_spawn`` the launching process has
-    neither the final step nor the callbacks' state), after the other callbacks' end-of-training hooks (but
-    ModelCheckpoint's, which Lightning runs last)."""
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        callback = trainer.checkpoint_callback
-        if callback is None or not getattr(callback, "save_last", False) or callback.dirpath is None:
-            return
-        if getattr(callback, "_last_global_step_saved", None) == trainer.global_step:
-            return
-        trainer.save_checkpoint(str(Path(callback.dirpath) / "last.ckpt"), weights_only=False)
-        # tell ModelCheckpoint (which runs its on_train_end after this one) that "last" is saved at this step,
-        # or Lightning 2.6 writes a second copy as last-v1.ckpt
-        callback._last_checkpoint_saved = True
-        callback._last_global_step_saved = trainer.global_step
-
-
 def close_loggers(loggers: list) -> None:
     """Close W&B runs so the next job of a multirun starts its own run."""
     from lightning.pytorch.loggers import WandbLogger
@@ -194,14 +193,24 @@ def close_loggers(loggers: list) -> None:
             wandb.finish()
 
 
-def optimized_metric_name(name: str | None, metrics) -> str | None:
-    """``optimized_metric``, with ``auto`` resolved: the run's sample-quality key when it logged one, else
-    ``val/loss``."""
-    if name != "auto":
-        return name
-    from ncsn.callbacks import quality_key_in
+class OptimizedMetricMissing(UserError):
+    """A sweep job did not log the key its sweep optimises."""
 
-    return quality_key_in(metrics) or "val/loss"
+
+def optimized_value(metric_name: str | None, metrics) -> float | None:
+    """The value of ``metric_name`` among the run's final ``metrics``. In a sweep a missing key is an error (one
+    line: the job fails, never another quantity); in a single run a warning line and None."""
+    if not metric_name:
+        return None
+    value = metrics.get(metric_name)
+    if value is not None:
+        return float(value)
+    line = (f"optimized_metric {metric_name} was not logged by this run (logged: "
+            f"{', '.join(sorted(k for k in metrics if k.startswith(('quality/', 'val/loss')))) or 'nothing'})")
+    if _in_multirun():
+        raise OptimizedMetricMissing(line)
+    log.warning(line)
+    return None
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -210,6 +219,7 @@ def train(cfg: DictConfig) -> float | None:
         L.seed_everything(cfg.seed, workers=True)
     prepare_ddp_relaunch()
     apply_sweep_metadata(cfg)
+    metric_name = resolve_optimized_metric(cfg)
     run_dir = output_dir(cfg)
     log.info("Run directory: %s", run_dir.resolve())
 
@@ -232,58 +242,9 @@ def train(cfg: DictConfig) -> float | None:
         close_loggers(objects["loggers"])
         reset_distributed(saved_env)
 
-    metric_name = optimized_metric_name(cfg.get("optimized_metric"), trainer.callback_metrics)
-    value = trainer.callback_metrics.get(metric_name) if metric_name else None
+    value = optimized_value(metric_name, trainer.callback_metrics)
     if not trainer.is_global_zero:
-        return None if value is None else float(value)
+        return value
 
-    # The closing lines (rank zero): the last sample grid, its quality, the checkpoint and the command that samples
-    # from it, as printed lines a user can copy.
-    import json
-    import shlex
-    import shutil
-
-    from ncsn.callbacks import SampleGridCallback
-
-    def shown(path: Path) -> str:  # relative to the working dir when inside it, else absolute
-        path = path.absolute()
-        return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
-
-    lines = []
-    grids = sorted(p for cb in trainer.callbacks if isinstance(cb, SampleGridCallback)
-                   for p in (Path(trainer.default_root_dir) / cb.dirname).glob("step_*.png"))
-    if grids:
-        lines.append(f"samples grid:   {grids[-1].resolve()}")
-    try:  # written by the training process (under ddp_spawn this process's trainer did not train)
-        record = json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
-        record = {}
-    quality = record.get("quality") or {}
-    last = (quality.get("history") or [{}])[-1]
-    quality_key = quality.get("metric")
-    if quality_key in last:
-        final = last.get("step") == record.get("global_step", trainer.global_step)
-        when = "final samples" if final else f"samples at step {last.get('step')}"
-        lines.append(f"sample quality: {quality_key} {last[quality_key]:.3g} ({when}; lower is better)")
-    if metric_name and (metric_name != quality_key or _in_multirun()):
-        log.info("optimized_metric %s = %s", metric_name, "(not logged)" if value is None else f"{float(value):.5g}")
-    checkpoint_callback = trainer.checkpoint_callback
-    ckpt = None
-    if checkpoint_callback is not None and getattr(checkpoint_callback, "dirpath", None):
-        ckpt = Path(checkpoint_callback.dirpath) / "last.ckpt"  # the final step (FinalLastCheckpoint)
-        if not ckpt.is_file():
-            ckpt = Path(checkpoint_callback.last_model_path) if checkpoint_callback.last_model_path else None
-    if ckpt is not None and ckpt.is_file():
-        lines.append(f"checkpoint:     {ckpt.resolve()}")
-        # `python` when it is this interpreter (an activated venv), else this interpreter's path (`make train`)
-        on_path = shutil.which("python")
-        python = ("python" if on_path and Path(on_path).absolute().parent == Path(sys.executable).absolute().parent
-                  else shown(Path(sys.executable)))
-        sample_py = next((p for p in (Path(sys.argv[0]).absolute().with_name("sample.py"), Path.cwd() / "sample.py",
-                                      Path(__file__).resolve().parents[2] / "sample.py") if p.is_file()),
-                         Path("sample.py"))
-        lines.append(f"sample from it: {python} {shown(sample_py)} ckpt_path={shlex.quote(str(ckpt.resolve()))} "
-                     "num_samples=256")
-    if lines:
-        print("\n".join(lines), flush=True)
+    print_closing_lines(trainer, run_dir, metric_name, value)
     return None if value is None else float(value)

@@ -11,7 +11,8 @@ Feature networks (``feature=``):
   (the pool features used for published FIDs), or ``64``, ``192``, ``768`` (earlier layers, for quick
   checks on few samples). It needs the ``torch-fidelity`` package and its weights file
   ``weights-inception-2015-12-05-6726825d.pth`` (``INCEPTION_WEIGHTS_URL``, about 100 MB). Weights are
-  looked up, in order: the path given (config ``fid.inception_weights=<path>``), then torch hub's
+  looked up, in order: the path given (config ``paths.inception_weights=<path>``, read by train.py and
+  sample.py), then torch hub's
   cache (``$TORCH_HOME/hub/checkpoints/``); a download happens only when asked for
   (``allow_download=True``, config ``fid.allow_download=true``). Otherwise a missing file is a one-line
   ``ConfigError`` saying which file to put where: nothing probes the network. Images are quantised to uint8 with
@@ -38,7 +39,10 @@ same reference set; IS likewise at the same sample count and number of splits.
 
 Modules: ``features`` (feature networks, Inception weights), ``fid`` (FID / IS builders,
 ``compute_image_metrics``), ``fid_callback`` (``FIDCallback``), ``digits`` (the shipped MNIST digit
-classifier), ``quality`` (``SampleQuality``: the offline sample-quality metric of every shipped dataset).
+classifier), ``quality`` (``quality_metric_for``: the offline sample-quality metric of every shipped dataset,
+built from ``digit_quality``, ``toy_quality``, ``image_quality``), ``registry`` (which metric and primary key each
+dataset gets), ``distances`` (KID, energy and Fréchet distances), ``images`` (the one image normalisation),
+``score`` (``python -m ncsn.metrics score FILE.npz``).
 """
 
 from ncsn.metrics.features import (
@@ -51,25 +55,29 @@ from ncsn.metrics.features import (
     inception_available,
     resolve_inception_weights,
 )
-from ncsn.metrics.fid import (
-    build_fid_metric,
-    build_inception_score_metric,
-    compute_image_metrics,
-    iter_image_batches,
-)
-from ncsn.metrics.fid_callback import FIDCallback
 
-# The sample-quality names load on first use (PEP 562), so `python -m ncsn.metrics.digits` does not import
-# ncsn.metrics.digits twice and `import ncsn.metrics` stays as light as before.
+# Everything but the feature-network names loads on first use (PEP 562): `import ncsn.metrics` does not import
+# torchmetrics or Lightning (fid, fid_callback), and `python -m ncsn.metrics.digits` does not import
+# ncsn.metrics.digits twice.
 _LAZY = {
-    "SampleQuality": "quality",
-    "DigitQuality": "quality",
-    "ToyMixtureQuality": "quality",
-    "InceptionFIDQuality": "image_quality",
-    "PixelFrechetQuality": "image_quality",
+    "build_fid_metric": "fid",
+    "build_inception_score_metric": "fid",
+    "compute_image_metrics": "fid",
+    "iter_image_batches": "fid",
+    "FIDCallback": "fid_callback",
+    "SampleQuality": "base",
+    "DigitQuality": "digit_quality",
+    "ToyMixtureQuality": "toy_quality",
+    "InceptionQuality": "image_quality",
+    "PixelQuality": "image_quality",
     "quality_metric_for": "quality",
     "quality_metric_for_data": "quality",
-    "frechet_distance": "quality",
+    "frechet_distance": "distances",
+    "kernel_distance": "distances",
+    "image01": "images",
+    "primary_quality_key": "registry",
+    "primary_quality_keys": "registry",
+    "quality_key_in": "registry",
     "DigitCNN": "digits",
     "load_classifier": "digits",
 }
@@ -93,8 +101,8 @@ __all__ = [
     "DigitCNN",
     "DigitQuality",
     "FIDCallback",
-    "InceptionFIDQuality",
-    "PixelFrechetQuality",
+    "InceptionQuality",
+    "PixelQuality",
     "SampleQuality",
     "SmallFeatureNet",
     "ToyMixtureQuality",
@@ -104,9 +112,14 @@ __all__ = [
     "feature_from_config",
     "feature_name",
     "frechet_distance",
+    "image01",
     "inception_available",
     "iter_image_batches",
+    "kernel_distance",
     "load_classifier",
+    "primary_quality_key",
+    "primary_quality_keys",
+    "quality_key_in",
     "quality_metric_for",
     "quality_metric_for_data",
     "resolve_inception_weights",

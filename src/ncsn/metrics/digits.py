@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ncsn.errors import UserError
+from ncsn.metrics.images import image01
 
 __all__ = [
     "FEATURE_DIM",
@@ -119,22 +120,15 @@ def bundled_split() -> dict[str, torch.Tensor]:
 
 
 def to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Grey 28x28 images (uint8 in [0, 255] or float in [0, 1]; ``[N, 28, 28]``, ``[N, 28, 28, 1]`` or
-    ``[N, 1, 28, 28]``) -> float32 [N, 1, 28, 28] in [0, 1] on the input's device. Non-finite values become 0
-    (NaN, -inf) or 1 (+inf), so a diverged sample scores as a blank or white image instead of NaN."""
-    x = images if torch.is_tensor(images) else torch.as_tensor(np.asarray(images))
-    shape = tuple(x.shape)
-    if x.ndim == 4 and x.shape[-1] == 1:
-        x = x[..., 0]
-    elif x.ndim == 4 and x.shape[1] == 1:
-        x = x[:, 0]
-    if x.ndim != 3 or tuple(x.shape[1:]) != (28, 28):
-        raise ValueError(f"expected 28x28 grey images, got an array of shape {shape}")
-    if x.dtype == torch.uint8:
-        x = x.float() / 255.0
-    else:
-        x = torch.nan_to_num(x.float(), nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
-    return x[:, None]
+    """Grey 28x28 images (any layout ``images.image01`` reads: uint8 or float, ``[N, 28, 28]``,
+    ``[N, 28, 28, 1]`` or ``[N, 1, 28, 28]``) -> float32 [N, 1, 28, 28] in [0, 1] on the input's device."""
+    try:
+        x = image01(images, channels=1)
+    except ValueError:
+        x = None
+    if x is None or tuple(x.shape[1:]) != (1, 28, 28):
+        raise ValueError(f"expected 28x28 grey images, got an array of shape {tuple(np.shape(images))}")
+    return x
 
 
 def _shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:

@@ -23,7 +23,9 @@ __all__ = [
     "SmallFeatureNet",
     "feature_from_config",
     "feature_name",
+    "hub_weights_path",
     "inception_available",
+    "inception_feature_net",
     "resolve_inception_weights",
 ]
 
@@ -107,7 +109,8 @@ def inception_available() -> bool:
     return bool(_TORCH_FIDELITY_AVAILABLE)
 
 
-def _hub_weights_path() -> Path:
+def hub_weights_path() -> Path:
+    """Where torch hub caches the standard Inception weights (``$TORCH_HOME/hub/checkpoints/``)."""
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILENAME
 
 
@@ -126,16 +129,16 @@ def resolve_inception_weights(
         if not p.is_file():
             raise ConfigError(
                 f"Inception weights file {p} does not exist: download {INCEPTION_WEIGHTS_URL} and set "
-                f"fid.inception_weights=<path to it> (or use a custom feature network, e.g. feature=small)"
+                f"paths.inception_weights=<path to it> (or use a custom feature network, e.g. feature=small)"
             )
         return str(p)
-    cached = _hub_weights_path()
+    cached = hub_weights_path()
     if cached.is_file():
         return str(cached)
     if not allow_download:
         raise ConfigError(
             f"The standard Inception weights are not on this machine: set fid.allow_download=true to fetch them, or download "
-            f"{INCEPTION_WEIGHTS_URL} elsewhere, copy it here and set fid.inception_weights=<path> "
+            f"{INCEPTION_WEIGHTS_URL} elsewhere, copy it here and set paths.inception_weights=<path> "
             f"(or put it at {cached})"
         )
     return None
@@ -207,11 +210,21 @@ def _wrap_build_errors(fn, *args, weights_file: str | None = None, **kwargs):
         raise
     except Exception as err:  # torch.load / load_state_dict / download failures of any kind
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        source = weights_file or f"the download into {_hub_weights_path()}"
+        source = weights_file or f"the download into {hub_weights_path()}"
         raise ConfigError(
             f"Could not load the Inception weights from {source} ({type(err).__name__}: {first}): put "
-            f"{INCEPTION_WEIGHTS_URL} on disk and set fid.inception_weights=<path>"
+            f"{INCEPTION_WEIGHTS_URL} on disk and set paths.inception_weights=<path>"
         ) from err
+
+
+def inception_feature_net(weights: str | None, layer: int = 2048) -> nn.Module:
+    """The standard Inception (torchmetrics' ``NoTrainInceptionV3``, torch-fidelity's weights) as a frozen feature
+    network: uint8 RGB images [N, 3, H, W] (``images.inception_input``) -> features [N, layer]."""
+    _require_fidelity()
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    return _wrap_build_errors(NoTrainInceptionV3, name="inception-v3-compat", features_list=[str(layer)],
+                              feature_extractor_weights_path=weights, weights_file=weights).eval()
 
 
 def feature_from_config(fid_cfg: Any) -> Any:

@@ -16,7 +16,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 
-from ncsn.data.transforms import to_image_range
+from ncsn.devices import pick_device
 from ncsn.errors import ConfigError
 from ncsn.metrics.features import (
     _custom_feature,
@@ -26,6 +26,7 @@ from ncsn.metrics.features import (
     feature_name,
     resolve_inception_weights,
 )
+from ncsn.metrics.images import image01, inception_input
 
 __all__ = [
     "build_fid_metric",
@@ -130,17 +131,8 @@ def _prepare(images: torch.Tensor, standard: bool, device: torch.device) -> torc
     if not torch.is_tensor(images) or images.dim() != 4:
         shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
         raise ConfigError(f"metrics expect image batches [N, C, H, W], got {shape}")
-    x = images.detach().to(device)
-    if x.dtype == torch.uint8:
-        x = x.float() / 255.0
-    x = to_image_range(x.float())
-    if not standard:
-        return x
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    elif x.shape[1] != 3:
-        raise ConfigError(f"the Inception network takes 1- or 3-channel images, got {x.shape[1]} channels")
-    return (x * 255.0).round_().to(torch.uint8)
+    x = image01(images.detach().to(device))
+    return inception_input(x) if standard else x
 
 
 def iter_image_batches(source: Any, batch_size: int, limit: int | None = None) -> Iterator[torch.Tensor]:
@@ -209,12 +201,6 @@ def _feed(
     return count
 
 
-def _default_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def compute_image_metrics(
     real: Any,
     fake: Any,
@@ -245,7 +231,7 @@ def compute_image_metrics(
 
     Returns ``{"fid", "is_mean", "is_std", "num_real", "num_fake", "feature"}``.
     """
-    dev = _default_device(device)
+    dev = pick_device(device)
     with torch.inference_mode(), torch.autocast(device_type=dev.type, enabled=False):
         fid = build_fid_metric(
             feature, inception_weights=inception_weights, allow_download=allow_download, antialias=antialias

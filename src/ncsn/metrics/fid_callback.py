@@ -8,11 +8,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from ncsn.ema import averaged_module
 from ncsn.errors import ConfigError
 from ncsn.metrics.features import _custom_feature, _standard_feature
 from ncsn.metrics.fid import _feed, build_fid_metric
@@ -32,11 +32,9 @@ class FIDCallback(L.Callback):
     logs it as ``val/fid`` (on every rank, same value), so ``ModelCheckpoint(monitor="val/fid", mode="min")``
     works. ``self.history`` keeps ``(global_step, fid)``.
 
-    EMA: Lightning's ``WeightAveraging`` (EMA) swaps the averaged weights into ``pl_module`` in its
-    ``on_validation_epoch_start`` and swaps them back in its ``on_validation_epoch_end``; hooks run in the
-    order of ``trainer.callbacks``. If the averaging callback comes after this one, the EMA weights are still
-    in ``pl_module`` here; if it comes before, it has already swapped back, so this callback swaps them in
-    again (the same ``_swap_models``) around sampling. Either way samples come from the EMA weights.
+    EMA: samples come from the EMA's averaged model once it has started (``ncsn.ema.averaged_module``, as the
+    sample grid and the quality pass), from ``pl_module`` (the raw weights) before that or without EMA. No
+    weights are ever swapped: ``pl_module`` holds the raw weights throughout, whatever the callback order.
 
     Notes: ``trainer.callback_metrics`` keeps the last ``val/fid`` across validations where no FID is due, so
     with ``ModelCheckpoint(monitor="val/fid")`` either validate at the FID cadence (``every_n_steps=0``) or
@@ -45,7 +43,7 @@ class FIDCallback(L.Callback):
     samples: keep the FID cost under the process group timeout (30 min by default). Rank zero samples with
     the plain LightningModule, so sharded strategies (FSDP, DeepSpeed stage 3) are not supported.
 
-    ``at_train_end``: compute a last FID at the end of training (EMA weights) and send it to the loggers
+    ``at_train_end``: compute a last FID at the end of training (EMA weights once started) and send it to the loggers
     (Lightning allows no ``self.log`` there, so ModelCheckpoint doesn't see it).
     """
 
@@ -105,54 +103,27 @@ class FIDCallback(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not self._due(trainer.global_step):
             return
-        value = self._compute_and_broadcast(trainer, pl_module, inside_validation=True)
+        value = self._compute_and_broadcast(trainer, pl_module)
         pl_module.log(self.name, value, prog_bar=self.prog_bar, sync_dist=trainer.world_size > 1)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.at_train_end or self._last_step == trainer.global_step:
             return
-        value = self._compute_and_broadcast(trainer, pl_module, inside_validation=False)
+        value = self._compute_and_broadcast(trainer, pl_module)
         for logger in trainer.loggers:
             logger.log_metrics({self.name: value}, step=trainer.global_step)
 
     # ---- how --------------------------------------------------------------------------------------------
 
-    def _compute_and_broadcast(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, inside_validation: bool
-    ) -> float:
+    def _compute_and_broadcast(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
         value = None
         if trainer.is_global_zero:
-            value = self.compute_fid(trainer, pl_module, inside_validation=inside_validation)
+            value = self.compute_fid(trainer, pl_module)
         value = float(trainer.strategy.broadcast(value, src=0))
         self._last_step = trainer.global_step
         self.last_fid = value
         self.history.append((trainer.global_step, value))
         return value
-
-    def _weight_averaging(self, trainer: L.Trainer) -> WeightAveraging | None:
-        for callback in trainer.callbacks:
-            if (
-                isinstance(callback, WeightAveraging)
-                and getattr(callback, "_average_model", None) is not None
-            ):
-                return callback
-        return None
-
-    def _ema_sampler(self, trainer: L.Trainer, pl_module: L.LightningModule, inside_validation: bool):
-        """(module to sample with, swap-back function or None): EMA weights when EMA is attached."""
-        averaging = self._weight_averaging(trainer)
-        if averaging is None:
-            return pl_module, None
-        callbacks = list(trainer.callbacks)
-        swapped_in = (
-            inside_validation
-            and self in callbacks
-            and callbacks.index(averaging) > callbacks.index(self)  # its swap-back hasn't run yet
-        )
-        if swapped_in:
-            return pl_module, None
-        averaging._swap_models(pl_module)  # put the EMA weights into pl_module (on its device) for sampling
-        return pl_module, lambda: averaging._swap_models(pl_module)
 
     def _real_source(self, trainer: L.Trainer) -> Any:
         datamodule = getattr(trainer, "datamodule", None)
@@ -175,10 +146,9 @@ class FIDCallback(L.Callback):
             yield module.sample(n, generator=generator, **self.sampler)
             remaining -= n
 
-    def compute_fid(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, inside_validation: bool = True
-    ) -> float:
-        """FID of ``num_samples`` fresh samples against the cached real features (this process only)."""
+    def compute_fid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
+        """FID of ``num_samples`` fresh samples (EMA weights once started) against the cached real features
+        (this process only)."""
         device = pl_module.device
         with torch.inference_mode(), torch.autocast(device_type=device.type, enabled=False):
             if self._metric is None:
@@ -203,17 +173,12 @@ class FIDCallback(L.Callback):
                         f"FIDCallback: the validation set has {self._num_real_seen} images, fewer than "
                         f"num_real={self.num_real}; FID uses those"
                     )
-            module, restore = self._ema_sampler(trainer, pl_module, inside_validation)
-            try:
-                _feed(
-                    [(metric, {"real": False})],
-                    self._fake_batches(module),
-                    batch_size=self.batch_size,
-                    device=device,
-                )
-            finally:
-                if restore is not None:
-                    restore()
+            _feed(
+                [(metric, {"real": False})],
+                self._fake_batches(averaged_module(trainer, pl_module)),
+                batch_size=self.batch_size,
+                device=device,
+            )
             if self._num_real_seen < 2:
                 raise ConfigError("FIDCallback needs at least 2 real images from the validation dataloader")
             return float(metric.compute())

@@ -1,134 +1,129 @@
-"""The sample-quality metrics of image data other than 28x28 digits (CIFAR-10, CelebA, ...): FID with the standard
-Inception when its weights are on the machine, else an honest offline stand-in (``quality/fd_pixels``).
+"""The sample-quality metrics of image data other than 28x28 digits (CIFAR-10, CelebA, ...): the kernel distance
+(KID, unbiased at any N) in the standard Inception's features when its weights are on the machine, else in
+8x8-pooled pixels (an honest offline stand-in with its own key, never mixed with the Inception numbers).
 
-Chosen by ``ncsn.metrics.quality.quality_metric_for``; see that module for the interface.
+Reference: up to ``REFERENCE_SIZE`` (2,000) images of the data's validation split (the CIFAR-10 test batch,
+CelebA's ``valid`` partition: never trained on); floor: N real TRAINING images scored the same way (0 up to
+noise: what a perfect sampler gets). Built by ``ncsn.metrics.quality.quality_metric_for``.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ncsn.devices import pick_device
 from ncsn.errors import ConfigError
-from ncsn.metrics.features import _hub_weights_path, inception_available, resolve_inception_weights
-from ncsn.metrics.quality import SampleQuality, _count, _image01, frechet_distance, gaussian_stats
+from ncsn.metrics.base import SampleQuality
+from ncsn.metrics.distances import (
+    KernelReference,
+    check_count,
+    frechet_distance,
+    gaussian_stats,
+    kernel_distance,
+)
+from ncsn.metrics.images import image01, inception_input
+from ncsn.metrics.registry import PRIMARY_KEYS
 
-__all__ = ["InceptionFIDQuality", "PixelFrechetQuality", "real_images"]
+__all__ = ["REFERENCE_SIZE", "InceptionQuality", "PixelQuality", "real_images"]
+
+REFERENCE_SIZE = 2000
+KID_SCALE = 1e3  # KID values are logged x1e3 (the published "KID x 10^3" convention)
 
 
-def real_images(datamodule: Any, n: int, *, seed: int = 0) -> torch.Tensor:
-    """The first ``n`` images of the datamodule's validation set (then its training set, if the validation set
-    is smaller), in [0, 1], stacked [n, C, H, W]; the dequantisation noise is drawn from ``seed`` and the
-    global RNG is left as it was."""
-    if getattr(datamodule, "val_set", None) is None or getattr(datamodule, "train_set", None) is None:
-        datamodule.setup("fit")
-    images: list[torch.Tensor] = []
+def real_images(dataset: Any, n: int, *, seed: int = 0) -> torch.Tensor:
+    """The first ``min(n, len(dataset))`` images of ``dataset`` in [0, 1], stacked [n, C, H, W]; the
+    dequantisation noise is drawn from ``seed`` and the global RNG is left as it was."""
+    count = min(int(n), len(dataset))
+    if count < 2:
+        raise ConfigError(f"the quality metric needs at least 2 real images, the data has {len(dataset)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for dataset in (datamodule.val_set, datamodule.train_set):
-            for i in range(min(len(dataset), n - len(images))):
-                item = dataset[i]
-                images.append(item[0] if isinstance(item, (tuple, list)) else item)
-            if len(images) >= n:
-                break
-    if len(images) < 2:
-        raise ConfigError(f"the quality metric needs at least 2 real images, the data has {len(images)}")
-    return _image01(torch.stack(images))
+        images = [dataset[i] for i in range(count)]
+    return image01(torch.stack([item[0] if isinstance(item, (tuple, list)) else item for item in images]))
 
 
-def _check_images(samples: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    x = _image01(samples)
-    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(shape):
-        raise ValueError(f"expected images [N, {', '.join(map(str, shape))}], got shape {tuple(x.shape)}")
-    return x
+class _KernelImageQuality(SampleQuality):
+    """KID (x1e3, with its jackknife standard error) and the Fréchet distance of one feature map, between the
+    samples and the reference; the floor is N real training images' KID."""
+
+    prefix = ""  # the keys: quality/kid<prefix>, quality/kid<prefix>_std, quality/kid<prefix>_floor
+
+    def __init__(self, reference: torch.Tensor, floor_images: torch.Tensor, num_samples: int) -> None:
+        reference = image01(reference)
+        self.num_samples = int(num_samples)
+        self.shape = tuple(reference.shape[1:])
+        self.reference_count = len(reference)
+        feats = self.features(reference)
+        self.reference_stats = gaussian_stats(feats)
+        self.kernel_reference = KernelReference.of(feats)
+        self.floor_count = len(floor_images)
+        self.kid_floor = kernel_distance(self.features(image01(floor_images)), self.kernel_reference)[0] * KID_SCALE
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return (self.name, f"{self.name}_std", f"{self.name}_floor", self.fd_key)
+
+    fd_key = ""
+
+    def features(self, x01: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, samples: torch.Tensor) -> dict[str, float]:
+        check_count(samples)
+        x = image01(samples, channels=self.shape[0])
+        if tuple(x.shape[1:]) != self.shape:
+            raise ValueError(f"expected images [N, {', '.join(map(str, self.shape))}], got shape {tuple(x.shape)}")
+        feats = self.features(x)
+        kid, kid_std = kernel_distance(feats, self.kernel_reference)
+        return {self.name: kid * KID_SCALE, f"{self.name}_std": kid_std * KID_SCALE,
+                f"{self.name}_floor": self.kid_floor,
+                self.fd_key: frechet_distance(gaussian_stats(feats), self.reference_stats)}
 
 
-class PixelFrechetQuality(SampleQuality):
-    """``quality/fd_pixels``: Fréchet distance between the samples and N real images (computed once), both
-    average-pooled to 8x8 pixels (C x 64 features, float64). Deterministic and offline, good enough to rank
-    runs of ONE dataset; NOT an FID and not comparable with published numbers. Used when the standard
-    Inception weights are not on the machine."""
+class PixelQuality(_KernelImageQuality):
+    """``quality/kid_pixels`` (x1e3): KID of 8x8 average-pooled pixels (C x 64 features) vs the reference images;
+    ``quality/fd_pixels`` the Fréchet distance of the same. Deterministic and offline, good enough to rank runs
+    of ONE dataset; NOT comparable with Inception numbers or published ones. Used without the Inception weights."""
 
-    name = "quality/fd_pixels"
+    name = PRIMARY_KEYS["pixels"]
+    fd_key = "quality/fd_pixels"
     description = (
-        "images: Fréchet distance of 8x8 average-pooled pixels vs real images (offline stand-in, "
-        "NOT comparable with FID; lower is better)"
+        "images: kernel distance (KID x1e3, unbiased at any N) of 8x8-pooled pixels vs held-out real images "
+        "(offline stand-in, NOT comparable with Inception KID/FID; lower is better)"
     )
-    keys = ("quality/fd_pixels",)
     POOL = 8
 
-    def __init__(self, real: torch.Tensor, num_samples: int | None = None) -> None:
-        real = _image01(real)
-        self.num_samples = int(num_samples or len(real))
-        self.shape = tuple(real.shape[1:])
-        self.real_stats = gaussian_stats(self._features(real))
-
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(x.double(), self.POOL).flatten(1)
-
-    def __call__(self, samples: torch.Tensor) -> dict[str, float]:
-        _count(samples)
-        x = _check_images(samples, self.shape).cpu()
-        return {"quality/fd_pixels": frechet_distance(gaussian_stats(self._features(x)), self.real_stats)}
+    def features(self, x01: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(x01.cpu().double(), self.POOL).flatten(1)
 
 
-class InceptionFIDQuality(SampleQuality):
-    """``quality/fid``: FID with the standard Inception (2048-d pool features, torchmetrics) between the samples
-    and N real images, whose features are computed once. Comparable with other FIDs only at the same N (small-N
-    FIDs are biased upward: papers use 50,000 samples)."""
+class InceptionQuality(_KernelImageQuality):
+    """``quality/kid`` (x1e3): KID in the standard Inception's 2048-d pool features vs the reference images, the
+    number published as "KID x 10^3"; ``quality/fid`` the FID of the same features at this N (biased upward at
+    small N: comparable only at the same N)."""
 
-    name = "quality/fid"
-    description = "images: FID (standard Inception-v3, 2048-d) vs real images at the same N (lower is better)"
-    keys = ("quality/fid",)
+    name = PRIMARY_KEYS["inception"]
+    fd_key = "quality/fid"
+    description = (
+        "images: kernel Inception distance (KID x1e3, unbiased at any N) vs held-out real images "
+        "(lower is better); quality/fid at this N"
+    )
 
-    def __init__(
-        self,
-        real: torch.Tensor,
-        *,
-        weights: str | None,
-        device: str | torch.device | None = None,
-        num_samples: int | None = None,
-        batch_size: int = 250,
-    ) -> None:
-        from ncsn.metrics.fid import _feed, build_fid_metric
+    def __init__(self, reference: torch.Tensor, floor_images: torch.Tensor, num_samples: int, *,
+                 weights: str | None, device: str | torch.device | None = None, batch_size: int = 250) -> None:
+        from ncsn.metrics.features import inception_feature_net
 
-        self._feed = _feed
-        self.device = (
-            torch.device(device)
-            if device is not None
-            else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        )
+        self.device = pick_device(device)
         self.batch_size = int(batch_size)
-        real = _image01(real)
-        self.num_samples = int(num_samples or len(real))
-        self.shape = tuple(real.shape[1:])
+        self.net = inception_feature_net(weights).to(self.device)
+        super().__init__(reference, floor_images, num_samples)
+
+    def features(self, x01: torch.Tensor) -> torch.Tensor:
+        out = []
         with torch.inference_mode(), torch.autocast(device_type=self.device.type, enabled=False):
-            self.metric = build_fid_metric(
-                2048, inception_weights=weights, allow_download=False, reset_real_features=False
-            ).to(self.device)
-            self._feed([(self.metric, {"real": True})], real, batch_size=self.batch_size, device=self.device)
-
-    def __call__(self, samples: torch.Tensor) -> dict[str, float]:
-        _count(samples)
-        x = _check_images(samples, self.shape)
-        with torch.inference_mode(), torch.autocast(device_type=self.device.type, enabled=False):
-            self.metric.reset()  # the fake features only; the real ones are kept
-            self._feed([(self.metric, {"real": False})], x, batch_size=self.batch_size, device=self.device)
-            return {"quality/fid": float(self.metric.compute())}
-
-
-def _inception_weights(inception_weights: str | Path | None) -> tuple[str | None, str]:
-    """(weights file, "") when the standard Inception can run offline, else (None, why not)."""
-    if not inception_available():
-        return None, "torch-fidelity is not installed (pip install torch-fidelity)"
-    if inception_weights is not None and str(inception_weights) != "":
-        return resolve_inception_weights(
-            inception_weights, allow_download=False
-        ), ""  # a bad path is an error
-    try:
-        return resolve_inception_weights(None, allow_download=False), ""
-    except ConfigError:
-        return None, f"the standard Inception weights are not on this machine (no {_hub_weights_path()})"
+            for chunk in x01.split(self.batch_size):
+                out.append(self.net(inception_input(chunk.to(self.device))).double().cpu())
+        return torch.cat(out)

@@ -1,0 +1,54 @@
+"""``BestQualityCheckpoint``: keep ``checkpoints/best.ckpt``, the checkpoint of the best sample-quality pass so far.
+
+Lightning's own ``ModelCheckpoint`` (``monitor=<primary quality key>``, ``mode="min"``, ``save_top_k=1``,
+``filename="best"``, no version counter, so a new best replaces ``best.ckpt`` and never becomes ``best-v1.ckpt``),
+triggered by the quality passes of ``SampleGridCallback`` instead of a step or epoch interval: after each pass
+(periodic or at the end of training) it runs ModelCheckpoint's own top-k save, which compares the value with the
+best so far and saves only on improvement. The value is in ``trainer.callback_metrics`` on every rank (the sample
+grid broadcasts it), so under DDP every rank takes the same decision. ModelCheckpoint callbacks run after the
+others, so the pass of the same step has been scored when this runs.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+__all__ = ["BestQualityCheckpoint"]
+
+
+class BestQualityCheckpoint(ModelCheckpoint):
+    """``monitor="auto"`` is replaced by the run's primary quality key when the run is built (``ncsn.training``).
+    :attr:`best_step` is the global step of ``best.ckpt`` (None before the first save); ``metrics.json`` records it
+    with the value under ``best_checkpoint``."""
+
+    def __init__(self, dirpath: str | None = None, monitor: str = "auto", filename: str = "best",
+                 mode: str = "min") -> None:
+        super().__init__(dirpath=dirpath, monitor=monitor, filename=filename, mode=mode, save_top_k=1,
+                         save_last=False, auto_insert_metric_name=False, enable_version_counter=False,
+                         every_n_train_steps=0, every_n_epochs=0, save_on_train_epoch_end=False)
+        self.best_step: int | None = None
+
+    def _after_quality_pass(self, trainer) -> None:
+        passes = [cb for cb in trainer.callbacks if getattr(cb, "quality_history", None)]
+        scored_now = any(cb.quality_history[-1]["step"] == trainer.global_step for cb in passes)
+        if not scored_now or self.monitor not in trainer.callback_metrics or self._should_skip_saving_checkpoint(trainer):
+            return
+        self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+        if self._last_global_step_saved == trainer.global_step:
+            self.best_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._after_quality_pass(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        pass  # only quality passes trigger this checkpoint
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._after_quality_pass(trainer)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "best_step": self.best_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.best_step = state_dict.get("best_step")
