@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from ncsn.errors import UserError
-from ncsn.sampling_app import load_model
 from ncsn.samplers import build_plan, describe_sampler
+from ncsn.sampling_app import load_model
 from ncsn.sigmas import technique4_step_lr
 
 

@@ -146,7 +146,7 @@ SAMPLER_SETTINGS = [
 def test_graph_replay_loop_equals_the_eager_sampler_exactly_for_every_sampler(settings, monkeypatch):
     # The CUDA path's loop (static buffers, level and coefficient copies, noise drawn into the buffer, one
     # replay per level) with the update run eagerly at each replay: bit for bit the eager sampler's samples.
-    from ncsn import perf
+    from ncsn.perf import graphs as perf
 
     sigmas = toy_sigmas()
     score = mixture_score(sigmas)
@@ -179,7 +179,7 @@ def test_graphed_sampler_off_cuda_is_the_eager_sampler_with_the_default_generato
 
 
 def test_a_callback_falls_back_to_the_eager_sampler_and_sees_every_step(monkeypatch):
-    from ncsn import perf
+    from ncsn.perf import graphs as perf
 
     monkeypatch.setattr(perf, "_graph_capable", lambda x: True)
     monkeypatch.setattr(perf, "_get_graph", lambda *a: pytest.fail("no graph with a callback"))

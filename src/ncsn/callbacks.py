@@ -14,6 +14,7 @@ from torchvision.utils import make_grid, save_image
 
 from ncsn.data.transforms import to_image_range
 from ncsn.ema import averaged_module
+from ncsn.samplers import build_plan, describe_sampler
 
 log = logging.getLogger("ncsn")
 
@@ -37,8 +38,8 @@ def scatter_image(points: torch.Tensor, size: int = 256, extent: float = 10.0) -
 
 class SampleGridCallback(L.Callback):
     """Every ``every_n_steps`` training steps and at the end of training, on rank zero: draw ``num_samples``
-    samples with annealed Langevin (the EMA weights once EMA has started) from a fixed seed, and from that one
-    pass
+    samples with the run's sampler (``sampler=ald|pc|cas``; the EMA weights once EMA has started) from a fixed
+    seed, log its network evaluations per sample as ``samples/nfe``, and from that one pass
 
     * save the grid of the first ``grid_size`` as ``<run dir>/samples/step_XXXXXXX.png`` and log it to every
       attached logger as ``samples/grid`` (a ``wandb.Image`` for W&B, an image for TensorBoard);
@@ -127,6 +128,12 @@ class SampleGridCallback(L.Callback):
         module = averaged_module(trainer, pl_module)
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         samples = module.sample(self.num_samples, generator=generator, **self.sampler)
+        settings = module.sampling_settings(**self.sampler)
+        nfe = build_plan(module.sigmas, settings).nfe
+        log.info("step %d: %d samples with %s, %d network evaluations each", step, self.num_samples,
+                 describe_sampler(settings), nfe)
+        for logger in trainer.loggers:
+            logger.log_metrics({"samples/nfe": float(nfe)}, step=step)
         shown = samples[: self.grid_size] if self.grid_size else samples
         grid = scatter_image(shown) if samples.ndim == 2 else image_grid(shown)
         out_dir = self._out_dir(trainer)

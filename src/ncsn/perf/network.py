@@ -1,173 +1,25 @@
-"""Fast training and sampling behind one switch (``perf=fast`` / ``perf=off``; ``perf=auto`` is the default).
-
-The reference way of running NCSN (the official code) is fp32, eager PyTorch, one small kernel at a time,
-and for sampling a Python loop of 1,000 Langevin steps. This module holds everything that makes it fast on a
-GPU, as plain functions and small classes over a score network (no Lightning, no Hydra):
-
-* **bf16 autocast** for the network only. The normalisation statistics of InstanceNorm++ (the channel means
-  and their variance, whose differences would cancel catastrophically in bf16) and the instance norm itself
-  run in fp32 (:func:`fp32_norms`, applied in place without touching the parameters); the network output is
-  cast back to fp32, so the DSM loss (``ncsn.losses``) and the Langevin state ``x`` stay fp32.
-* **channels_last** weights and inputs (NHWC convolutions on tensor cores).
-* **torch.compile** of the score network's forward (``dynamic=False``: fixed shapes, one specialisation
-  per batch size), with inductor's on-disk caches on (:func:`enable_compile_cache`): a second identical run
-  reuses the compiled kernels instead of compiling again.
-* **fused Adam** (``fused=True``) when the optimizer factory accepts it and the parameters are on CUDA.
-* **CUDA graphs for sampling** (:func:`graphed_sample`): each sampler's per-level update (ald, pc, cas) is
-  captured once (static ``x``, level, coefficient and noise buffers) and replayed, so the 1,000 steps of the
-  paper's sampler cost L graph launches and no host synchronisation. The noise is drawn outside the graph, one
-  ``normal_`` per step from the caller's generator into the static buffer: the samples equal those of
-  :func:`ncsn.samplers.run_plan` given the same generator and network.
-
-``PerfSettings.enabled = "auto"`` turns the fast path on when the model runs on a CUDA device and off
-otherwise. Off means exactly the code paths of ``ncsn.samplers`` / ``ncsn.losses`` with the plain network.
-"""
+"""The fast network: bf16 autocast with fp32 norms, channels_last, torch.compile and its cache, fused optimizer
+kwargs, the sync-free non-finite check, and the per-module runtime that holds them."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import inspect
 import logging
 import os
 import types
-import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ncsn.errors import ConfigError
 from ncsn.nets.normalization import ConditionalInstanceNorm2dPlus, InstanceNorm2dPlus
-from ncsn.samplers import Callback, SamplerPlan, ScoreFn, _level_iter, denoise_step, fill_noise, run_plan
 
 log = logging.getLogger("ncsn")
-
-_ENABLED_WORDS = {"auto": "auto", "on": True, "fast": True, "true": True, "off": False, "false": False}
-
-
-# ---------------------------------------------------------------------------------------------- settings
-@dataclasses.dataclass(frozen=True)
-class PerfSettings:
-    """The fast-path switches. ``enabled``: ``"auto"`` (on for CUDA, off otherwise), True or False.
-
-    The other fields say what "on" means; :meth:`resolve` turns the settings into the ones that apply on a
-    device (everything False when off; CUDA-only features False elsewhere).
-
-    Attributes:
-        bf16: run the network under bf16 autocast (norm statistics, loss and Langevin state stay fp32).
-        channels_last: channels_last weights and inputs for 4-D (image) networks.
-        compile: ``torch.compile`` the network forward (not with the ``ssm`` loss: no double backward).
-        compile_mode: torch.compile mode (``default``, ``max-autotune-no-cudagraphs``, ...).
-            ``reduce-overhead`` brings inductor's own CUDA graphs and turns ``cuda_graphs`` off.
-        compile_backend: torch.compile backend (``inductor``; ``aot_eager``/``eager`` to debug).
-        cuda_graphs: capture each level's sampler steps in a CUDA graph (CUDA only).
-        fused_optimizer: pass ``fused=True`` to the optimizer (CUDA only, Adam/AdamW/SGD/...).
-        cudnn_benchmark: set ``torch.backends.cudnn.benchmark`` (fixed shapes; CUDA only).
-    """
-
-    enabled: bool | str = "auto"
-    bf16: bool = True
-    channels_last: bool = True
-    compile: bool = True
-    compile_mode: str = "default"
-    compile_backend: str = "inductor"
-    cuda_graphs: bool = True
-    fused_optimizer: bool = True
-    cudnn_benchmark: bool = True
-
-    def __post_init__(self) -> None:
-        enabled = self.enabled
-        if isinstance(enabled, str):
-            word = enabled.strip().lower()
-            if word not in _ENABLED_WORDS:
-                raise ConfigError(f"perf.enabled must be auto, true or false (got '{enabled}')")
-            enabled = _ENABLED_WORDS[word]
-        elif not isinstance(enabled, bool):
-            raise ConfigError(f"perf.enabled must be auto, true or false (got {enabled!r})")
-        object.__setattr__(self, "enabled", enabled)
-
-    @classmethod
-    def from_config(cls, cfg: PerfSettings | Mapping[str, Any] | bool | str | None) -> PerfSettings:
-        """Settings from a config mapping (``conf/perf/*.yaml``), a bool/word for ``enabled``, or None (off)."""
-        if isinstance(cfg, PerfSettings):
-            return cfg
-        if cfg is None:
-            return cls(enabled=False)
-        if isinstance(cfg, (bool, str)):
-            return cls(enabled=cfg)
-        data = dict(cfg)
-        # checkpoints written before one graph per level stored how many Langevin steps each graph held
-        data.pop("steps_per_graph", None)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown perf setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**data)
-
-    def is_on(self, device: torch.device | str) -> bool:
-        device = torch.device(device)
-        return device.type == "cuda" if self.enabled == "auto" else bool(self.enabled)
-
-    def resolve(self, device: torch.device | str) -> PerfSettings:
-        """The settings that apply on ``device``: ``enabled`` True/False, features masked accordingly."""
-        return _resolve(self, torch.device(device))
-
-    def _resolve(self, device: torch.device) -> PerfSettings:
-        if not self.is_on(device):
-            return OFF
-        cuda = device.type == "cuda"
-        bf16 = self.bf16
-        if bf16 and cuda and torch.cuda.is_available():
-            bf16 = _cuda_bf16_supported(device)
-        inductor_graphs = self.compile and self.compile_mode == "reduce-overhead"
-        return dataclasses.replace(
-            self,
-            enabled=True,
-            bf16=bf16,
-            cuda_graphs=self.cuda_graphs and cuda and not inductor_graphs,
-            fused_optimizer=self.fused_optimizer and cuda,
-            cudnn_benchmark=self.cudnn_benchmark and cuda,
-        )
-
-    def describe(self) -> str:
-        if self.enabled is not True:
-            return "off" if self.enabled is False else "auto"
-        parts = [name for name in ("bf16", "channels_last") if getattr(self, name)]
-        if self.compile:
-            parts.append(f"compile[{self.compile_backend}/{self.compile_mode}]")
-        if self.cuda_graphs:
-            parts.append("cuda_graphs[one per level]")
-        if self.fused_optimizer:
-            parts.append("fused optimizer")
-        if self.cudnn_benchmark:
-            parts.append("cudnn.benchmark")
-        return "on (" + ", ".join(parts or ["no feature"]) + ")"
-
-
-@functools.lru_cache(maxsize=64)
-def _resolve(settings: PerfSettings, device: torch.device) -> PerfSettings:
-    return settings._resolve(device)
-
-
-OFF = PerfSettings(enabled=False, bf16=False, channels_last=False, compile=False, cuda_graphs=False,
-                   fused_optimizer=False, cudnn_benchmark=False)
-
-
-def _cuda_bf16_supported(device: torch.device) -> bool:
-    try:
-        with torch.cuda.device(device):
-            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-    except TypeError:  # older signature
-        return bool(torch.cuda.is_bf16_supported())
-
-
-def resolve(cfg: PerfSettings | Mapping[str, Any] | bool | str | None, device: torch.device | str) -> PerfSettings:
-    """Shortcut: ``PerfSettings.from_config(cfg).resolve(device)``."""
-    return PerfSettings.from_config(cfg).resolve(device)
+from ncsn.perf.settings import PerfSettings
 
 
 # ---------------------------------------------------------------------------------------------- the network
@@ -386,115 +238,6 @@ class NonFiniteWatch:
                 return loss
         return None
 
-
-# ---------------------------------------------------------------------------------------------- sampling
-class _LevelGraph:
-    """Static buffers and the captured CUDA graph of one sampler's per-level update (``plan.update``) for one
-    batch shape. ``capture=False`` keeps the buffers and runs the update eagerly at each :meth:`replay` (how
-    the CPU tests check the replay loop of :func:`graphed_sample`)."""
-
-    def __init__(self, plan: SamplerPlan, score_fn: ScoreFn, x: torch.Tensor, *, capture: bool = True,
-                 warmup: int = 2) -> None:
-        self.update, self.score_fn = plan.update, score_fn
-        self.x = x.detach().clone(memory_format=torch.contiguous_format)
-        self.noise = torch.zeros((plan.draws, *x.shape), dtype=x.dtype, device=x.device)
-        self.levels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        self.coeffs = torch.zeros(plan.coeffs.shape[1], dtype=x.dtype, device=x.device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        if not capture:
-            return
-        start = self.x.clone()
-        # Warm up on a side stream (lazy cuDNN/cuBLAS handles, autotuning, torch.compile), then capture.
-        side = torch.cuda.Stream(device=x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                self._body()
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: a DataLoader pin-memory thread calling CUDA meanwhile must not break the capture
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self._body()
-        self.x.copy_(start)
-
-    def _body(self) -> None:
-        self.x.copy_(self.update(self.score_fn, self.x, self.levels, self.coeffs, self.noise))
-
-    def replay(self) -> None:
-        if self.graph is None:
-            self._body()
-        else:
-            self.graph.replay()
-
-
-def _graph_capable(x: torch.Tensor) -> bool:
-    return x.is_cuda
-
-
-def graphed_sample(
-    plan: SamplerPlan,
-    score_fn: ScoreFn,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    callback: Callback | None = None,
-    generator: torch.Generator | None = None,
-    progress: bool = False,
-    cuda_graphs: bool = True,
-    cache: dict | None = None,
-    cache_token: Any = None,
-) -> torch.Tensor:
-    """Any sampler's plan (``ncsn.samplers.build_plan``: ald, pc, cas) with each level's update replayed from
-    one CUDA graph: no host synchronisation and one launch per level instead of a Python round trip per
-    kernel. The graph captures ``plan.update``, the very function :func:`ncsn.samplers.run_plan` calls; the
-    level's noise is drawn outside it, one ``normal_`` per step from ``generator`` into the static buffer in
-    the eager order, so given the same generator state the samples equal the eager sampler's. ``score_fn``
-    must not consume the same generator (the networks here use none).
-
-    Off CUDA, without ``cuda_graphs``, with a ``callback`` (which needs every step's ``x``) or when the capture
-    fails, it is :func:`ncsn.samplers.run_plan` itself.
-
-    ``cache`` (a dict owned by the caller) keeps the captured graphs between calls with the same batch shape;
-    ``cache_token`` (e.g. the parameters' data pointers) invalidates it when it changes. Graphs read the
-    network's parameters in place, so in-place updates (optimizer steps, ``load_state_dict``) are seen.
-    """
-    graph = None
-    if cuda_graphs and _graph_capable(x) and callback is None:
-        graph = _get_graph(plan, score_fn, x.contiguous(), cache, cache_token)
-    if graph is None:
-        return run_plan(plan, score_fn, x, sigmas, callback=callback, generator=generator, progress=progress)
-    sigmas = sigmas.to(device=x.device, dtype=x.dtype)
-    coeffs = plan.coeffs.to(device=x.device, dtype=x.dtype)
-    graph.x.copy_(x)
-    for i in _level_iter(plan.num_levels, progress, plan.title + " (CUDA graphs)"):
-        graph.levels.fill_(i)
-        graph.coeffs.copy_(coeffs[i])
-        for t in range(plan.draws):
-            fill_noise(graph.noise[t], generator)
-        graph.replay()
-    x = graph.x.clone()
-    return denoise_step(score_fn, x, sigmas) if plan.denoise else x
-
-
-def _get_graph(plan: SamplerPlan, score_fn: ScoreFn, x: torch.Tensor, cache: dict | None,
-               cache_token: Any) -> _LevelGraph | None:
-    key = (plan.update, id(score_fn), tuple(x.shape), x.dtype, str(x.device), plan.draws, plan.coeffs.shape[1])
-    if cache is not None:
-        if cache.get("token") != cache_token:
-            cache.clear()
-            cache["token"] = cache_token
-        if key in cache:
-            return cache[key]
-    try:
-        graph: _LevelGraph | None = _LevelGraph(plan, score_fn, x)
-    except Exception as exc:  # noqa: BLE001 - any capture failure: run the same steps eagerly instead
-        warnings.warn(f"CUDA-graph capture of the {plan.title} steps failed ({type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0] if str(exc) else ''}); sampling without CUDA graphs",
-                      RuntimeWarning, stacklevel=3)
-        graph = None
-    if cache is not None:
-        cache[key] = graph
-    return graph
 
 
 # ---------------------------------------------------------------------------------------------- per-module state

@@ -1,0 +1,256 @@
+"""What each sampler does at one level (``ald_level``, ``pc_level``, ``cas_level``), its coefficients and NFE
+(``SamplerPlan``, ``build_plan``), and the settings every sampler shares. See ``ncsn.samplers``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ncsn.errors import ConfigError
+
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Callable[[dict], None]
+#: ``after_step(t, x) -> x``: called after step t of a level (trajectories, inpainting); None in graphs
+AfterStep = Callable[[int, torch.Tensor], torch.Tensor]
+#: ``update(score_fn, x, levels, coeffs, noise, after_step) -> x``: the steps of one level
+LevelUpdate = Callable[..., torch.Tensor]
+
+
+
+#: each sampler's settings and their defaults (``conf/sampler/NAME.yaml`` holds the same)
+SAMPLER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ald": {"n_steps_each": 100, "step_lr": 2e-5, "denoise": False},
+    "pc": {"n_corrector": 1, "snr": 0.16, "denoise": True},
+    "cas": {"n_steps_each": 1, "step_lr": 2e-5, "denoise": True},
+}
+SAMPLERS = tuple(SAMPLER_DEFAULTS)
+
+
+def normal_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    if generator is None:
+        return torch.randn_like(x)
+    return torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+
+
+def fill_noise(buffer: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Draw standard normal noise into ``buffer`` (contiguous) in place: the same numbers
+    ``torch.randn(buffer.shape, generator=generator)`` (or ``randn_like``) would give."""
+    return buffer.normal_(generator=generator)
+
+
+def check_sampler_settings(n_steps: int, step_lr: float) -> None:
+    """Reject settings that cannot give samples (one clear line each)."""
+    if int(n_steps) != n_steps or n_steps < 1:
+        raise ConfigError(f"sampler.n_steps_each must be an integer >= 1 (got {n_steps})")
+    if not step_lr > 0:
+        raise ConfigError(f"sampler.step_lr must be > 0 (got {step_lr})")
+
+
+def step_sizes(sigmas: torch.Tensor, step_lr: float) -> torch.Tensor:
+    """α_i = step_lr · σ_i² / σ_L² for every level."""
+    return step_lr * (sigmas / sigmas[-1]) ** 2
+
+
+def level_iter(num_levels: int, progress: bool, desc: str):
+    if not progress:
+        return range(num_levels)
+    from tqdm.auto import tqdm
+
+    return tqdm(range(num_levels), desc=desc, leave=False)
+
+
+def langevin_step(
+    score_fn: ScoreFn,
+    x: torch.Tensor,
+    levels: torch.Tensor,
+    alpha: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One step x + α s(x) + sqrt(2α) z."""
+    noise = normal_like(x, generator)
+    return x + alpha * score_fn(x, levels) + (2.0 * alpha).sqrt() * noise
+
+
+def denoise_step(score_fn: ScoreFn, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """The NCSNv2 final step x + σ_L² s(x, σ_L) (Tweedie's estimate of the clean sample)."""
+    last = torch.full((x.shape[0],), sigmas.shape[0] - 1, dtype=torch.long, device=x.device)
+    return x + sigmas[-1] ** 2 * score_fn(x, last)
+
+
+# ---------------------------------------------------------------------------------------------- level updates
+def ald_level(score_fn: ScoreFn, x: torch.Tensor, levels: torch.Tensor, coeffs: torch.Tensor,
+              noise: torch.Tensor, after_step: AfterStep | None = None) -> torch.Tensor:
+    """``noise.shape[0]`` Langevin steps x ← x + α s(x, σ) + sqrt(2α) z_t; ``coeffs = [α]``."""
+    alpha = coeffs[0]
+    sqrt_2alpha = (2.0 * alpha).sqrt()
+    for t in range(noise.shape[0]):
+        x = x + alpha * score_fn(x, levels) + sqrt_2alpha * noise[t]
+        if after_step is not None:
+            x = after_step(t, x)
+    return x
+
+
+def pc_level(score_fn: ScoreFn, x: torch.Tensor, levels: torch.Tensor, coeffs: torch.Tensor,
+             noise: torch.Tensor, after_step: AfterStep | None = None) -> torch.Tensor:
+    """score_sde's predictor–corrector at one level; ``coeffs = [σ_i² − σ_{i+1}², predictor noise, snr]``.
+
+    Corrector (``noise.shape[0] − 1`` steps, score_sde's ``LangevinCorrector`` for the VE SDE): with the
+    batch-mean norms of the score g and of the noise z, ε = 2 (snr ‖z‖ / ‖g‖)² and x ← x + ε g + sqrt(2ε) z.
+    Predictor (score_sde's ``ReverseDiffusionPredictor``, VE): x ← x + (σ_i² − σ_{i+1}²) s(x, σ_i)
+    + sqrt(σ_i² − σ_{i+1}²) z, taking the noise level from σ_i to σ_{i+1} (0 after the last level, where the
+    noise is dropped when denoising, which makes the last predictor step the denoising step itself).
+    """
+    g2, g, snr = coeffs[0], coeffs[1], coeffs[2]
+    n_corrector = noise.shape[0] - 1
+    for t in range(n_corrector):
+        grad = score_fn(x, levels)
+        grad_norm = grad.flatten(1).norm(dim=1).mean()
+        noise_norm = noise[t].flatten(1).norm(dim=1).mean()
+        eps = 2.0 * (snr * noise_norm / grad_norm.clamp_min(1e-12)) ** 2
+        x = x + eps * grad + (2.0 * eps).sqrt() * noise[t]
+        if after_step is not None:
+            x = after_step(t, x)
+    x = x + g2 * score_fn(x, levels) + g * noise[n_corrector]
+    if after_step is not None:
+        x = after_step(n_corrector, x)
+    return x
+
+
+def cas_level(score_fn: ScoreFn, x: torch.Tensor, levels: torch.Tensor, coeffs: torch.Tensor,
+              noise: torch.Tensor, after_step: AfterStep | None = None) -> torch.Tensor:
+    """Consistent annealed sampling at one level; ``coeffs = [α_i, b_keep, b_move]``.
+
+    Each step x ← x + α_i s(x, σ_i) + b z with α_i = η σ_i²: if x carries noise of std σ_i, the score step
+    leaves (1 − η) σ_i of it, and b tops it up to the target level: b_keep = σ_i sqrt(1 − (1 − η)²) for the
+    first T − 1 steps (the level stays at σ_i), b_move = σ_{i+1} sqrt(1 − (1 − η)² γ_i²), γ_i = σ_i/σ_{i+1},
+    for the last (the level becomes σ_{i+1}).
+    """
+    alpha, keep, move = coeffs[0], coeffs[1], coeffs[2]
+    last = noise.shape[0] - 1
+    for t in range(noise.shape[0]):
+        x = x + alpha * score_fn(x, levels) + (move if t == last else keep) * noise[t]
+        if after_step is not None:
+            x = after_step(t, x)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------- plans
+@dataclass(frozen=True)
+class SamplerPlan:
+    """How one sampler walks the σ list: ``update`` runs the ``draws`` steps of level i with coefficients
+    ``coeffs[i]`` over ``draws`` pre-drawn noise tensors, for the first ``coeffs.shape[0]`` levels; then the
+    optional denoising step at σ_L. ``nfe``: network evaluations per sample."""
+
+    name: str
+    update: LevelUpdate
+    coeffs: torch.Tensor
+    draws: int
+    denoise: bool
+    nfe: int
+    title: str
+
+    @property
+    def num_levels(self) -> int:
+        return int(self.coeffs.shape[0])
+
+
+def _int_setting(settings: Mapping[str, Any], key: str, minimum: int) -> int:
+    value = settings[key]
+    if isinstance(value, bool) or int(value) != value or value < minimum:
+        raise ConfigError(f"sampler.{key} must be an integer >= {minimum} (got {value})")
+    return int(value)
+
+
+def sampler_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``settings`` completed with its sampler's defaults (``name`` defaults to ``ald``); unknown names are
+    one clear error."""
+    settings = dict(settings or {})
+    name = settings.get("name") or "ald"
+    if name not in SAMPLER_DEFAULTS:
+        raise ConfigError(f"unknown sampler '{name}'; choose one of {', '.join(SAMPLERS)} (sampler=NAME)")
+    merged = {**SAMPLER_DEFAULTS[name], **{k: v for k, v in settings.items() if v is not None}}
+    merged["name"] = name
+    return merged
+
+
+def describe_sampler(settings: Mapping[str, Any]) -> str:
+    """``pc (n_corrector=1, snr=0.16, denoise=True)``: the sampler's name and the settings it reads."""
+    s = sampler_settings(settings)
+    return f"{s['name']} (" + ", ".join(f"{k}={s[k]}" for k in SAMPLER_DEFAULTS[s["name"]]) + ")"
+
+
+def ald_plan(sigmas: torch.Tensor, n_steps_each: int, step_lr: float, denoise: bool = False) -> SamplerPlan:
+    check_sampler_settings(n_steps_each, step_lr)
+    coeffs = step_sizes(sigmas, step_lr)[:, None]
+    n = int(n_steps_each)
+    settings = {"name": "ald", "n_steps_each": n, "step_lr": step_lr, "denoise": denoise}
+    return SamplerPlan("ald", ald_level, coeffs, n, bool(denoise), nfe(settings, sigmas.shape[0]),
+                       "annealed Langevin")
+
+
+def pc_plan(sigmas: torch.Tensor, n_corrector: int = 1, snr: float = 0.16, denoise: bool = True) -> SamplerPlan:
+    n_corrector = _int_setting({"n_corrector": n_corrector}, "n_corrector", 0)
+    if not snr > 0:
+        raise ConfigError(f"sampler.snr must be > 0 (got {snr})")
+    nxt = torch.cat([sigmas[1:], sigmas.new_zeros(1)])
+    g2 = sigmas**2 - nxt**2
+    g = g2.sqrt()
+    if denoise:
+        g[-1] = 0.0  # the last predictor step is x + σ_L² s(x, σ_L): the denoising step, without noise
+    coeffs = torch.stack([g2, g, torch.full_like(g2, float(snr))], dim=1)
+    settings = {"name": "pc", "n_corrector": n_corrector, "snr": snr, "denoise": denoise}
+    return SamplerPlan("pc", pc_level, coeffs, n_corrector + 1, False, nfe(settings, sigmas.shape[0]),
+                       "predictor-corrector")
+
+
+def cas_plan(sigmas: torch.Tensor, n_steps_each: int = 1, step_lr: float = 2e-5,
+             denoise: bool = True) -> SamplerPlan:
+    check_sampler_settings(n_steps_each, step_lr)
+    if sigmas.shape[0] < 2:
+        raise ConfigError("consistent annealed sampling (sampler=cas) needs at least 2 noise levels")
+    eta = float(step_lr) / float(sigmas[-1]) ** 2
+    gamma_max = float((sigmas[:-1] / sigmas[1:]).max())
+    least = float(sigmas[-1]) ** 2 * (1.0 - 1.0 / gamma_max)
+    if eta > 1.0 + 1e-6:
+        raise ConfigError(f"sampler.step_lr={step_lr:g} removes more than all the noise in one step with "
+                          f"sampler=cas (step_lr / sigma_L^2 = {eta:.3g} > 1): use step_lr <= "
+                          f"{float(sigmas[-1]) ** 2:.3g}")
+    if (1.0 - eta) * gamma_max > 1.0 + 1e-9:
+        raise ConfigError(f"sampler.step_lr={step_lr:g} is too small for sampler=cas on this sigma list: each "
+                          f"step must remove at least the noise between two levels; use step_lr >= {least:.3g}")
+    head, nxt = sigmas[:-1], sigmas[1:]
+    alpha = eta * head**2
+    keep = head * math.sqrt(max(0.0, 1.0 - (1.0 - eta) ** 2))
+    move = nxt * (1.0 - ((1.0 - eta) * head / nxt) ** 2).clamp_min(0.0).sqrt()
+    coeffs = torch.stack([alpha, keep, move], dim=1)
+    n = int(n_steps_each)
+    settings = {"name": "cas", "n_steps_each": n, "step_lr": step_lr, "denoise": denoise}
+    return SamplerPlan("cas", cas_level, coeffs, n, bool(denoise), nfe(settings, sigmas.shape[0]),
+                       "consistent annealed sampling")
+
+
+def build_plan(sigmas: torch.Tensor, settings: Mapping[str, Any] | None) -> SamplerPlan:
+    """The plan of the sampler named in ``settings['name']`` (default ``ald``) on ``sigmas``."""
+    s = sampler_settings(settings)
+    if s["name"] == "pc":
+        return pc_plan(sigmas, s["n_corrector"], float(s["snr"]), bool(s["denoise"]))
+    if s["name"] == "cas":
+        return cas_plan(sigmas, s["n_steps_each"], float(s["step_lr"]), bool(s["denoise"]))
+    return ald_plan(sigmas, s["n_steps_each"], float(s["step_lr"]), bool(s["denoise"]))
+
+
+def nfe(settings: Mapping[str, Any] | None, num_levels: int) -> int:
+    """Network evaluations per sample of a sampler's settings on ``num_levels`` levels (what ``plan.nfe`` is)."""
+    s = sampler_settings(settings)
+    denoise = int(bool(s["denoise"]))
+    if s["name"] == "pc":
+        return num_levels * (1 + _int_setting(s, "n_corrector", 0))
+    if s["name"] == "cas":
+        return (num_levels - 1) * _int_setting(s, "n_steps_each", 1) + denoise
+    return num_levels * _int_setting(s, "n_steps_each", 1) + denoise
+
+
