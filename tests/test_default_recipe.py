@@ -96,3 +96,13 @@ def test_cpu_recipe_shortened_learns_and_its_samples_are_not_degenerate(tmp_path
     assert samples.shape == (64, 28, 28, 1)
     degenerate = float(degenerate_mask(samples).mean())
     assert degenerate < 0.25, f"{degenerate:.0%} of 64 samples are degenerate"  # measured 4.7 % (3 of 64)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--cfg", "job"], ["experiment=cpu", "--cfg", "job"]),
+    (["-m", "hparams_search=cpu_recipe", "--cfg", "hydra"], ["-m", "hparams_search=cpu_recipe", "experiment=cpu",
+                                                             "--cfg", "hydra"]),
+])
+def test_the_picked_experiment_joins_the_other_overrides_so_hydra_options_after_them_still_parse(argv, expected):
+    # Hydra parses the overrides as one run of positional arguments: appended after `--cfg job` it was rejected
+    assert choose_experiment(argv, cuda_available=False)[0] == expected

@@ -14,7 +14,8 @@ from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from ncsn.callbacks import MetricsFileCallback, SampleGridCallback
+from ncsn.callbacks import SampleGridCallback
+from ncsn.run_files import MetricsFileCallback
 
 STEPS, BATCH = 6, 2
 # Validation at step 5, sample grids at step 4 and at the end, checkpoints at steps 3 and 6: each kind of pause
@@ -58,7 +59,13 @@ class Slow(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         time.sleep(VAL_S)
 
-    def sample(self, n, generator=None, **kwargs):  # what SampleGridCallback calls
+    # What SampleGridCallback uses of a ScoreModel: its noise levels, its sampler settings and ``sample``.
+    sigmas = torch.tensor([1.0, 0.1])
+
+    def sampling_settings(self, **overrides):
+        return {"name": "ald", "n_steps_each": 1, "step_lr": 1e-5, "denoise": False, **overrides}
+
+    def sample(self, n, generator=None, **kwargs):
         time.sleep(GRID_S)
         return torch.rand(n, 1, 8, 8, generator=generator)
 

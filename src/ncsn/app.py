@@ -277,12 +277,21 @@ def choose_experiment(argv: list[str], cuda_available: bool, gpu_name: str = "")
         name = f" ({gpu_name})" if gpu_name else ""
         line = (f"ncsn: a CUDA GPU is visible{name}: running experiment={GPU_EXPERIMENT}, the GPU recipe "
                 f"(about 5 minutes on one H100); add experiment=NAME to choose another")
-        return [*argv, f"experiment={GPU_EXPERIMENT}"], line
+        return _with_override(argv, f"experiment={GPU_EXPERIMENT}"), line
     why = f"{cpu_arg} puts training on the CPU" if cpu_arg else "no CUDA GPU found"
     line = (f"ncsn: {why}: running experiment={CPU_EXPERIMENT}, the CPU recipe (about 10 minutes "
             f"on 2 cores), instead of the GPU recipe experiment={GPU_EXPERIMENT} (over 8 hours on a CPU); add "
             f"experiment=NAME to choose another")
-    return [*argv, f"experiment={CPU_EXPERIMENT}"], line
+    return _with_override(argv, f"experiment={CPU_EXPERIMENT}"), line
+
+
+def _with_override(argv: list[str], override: str) -> list[str]:
+    """``argv`` with ``override`` placed beside the other overrides: Hydra's parser takes the overrides as one run
+    of positional arguments, so one appended after ``--cfg job`` would be rejected."""
+    last = max((i for i, a in enumerate(argv) if "=" in a and not a.startswith("-")), default=None)
+    if last is None:
+        return [override, *argv]
+    return [*argv[:last + 1], override, *argv[last + 1:]]
 
 
 def pick_default_experiment() -> None:

@@ -55,6 +55,15 @@ def collapse_warning(step: int, val_loss: float, zero_output_loss: float, output
             f"(try model.optimizer.lr=1e-4, a warm-up in model.scheduler, or trainer.gradient_clip_val=1)")
 
 
+def health_metrics(step: int, val_loss: float, zero_output: float, output_ms: float, lr: float | None,
+                   check: bool) -> tuple[dict[str, float], str | None]:
+    """The collapse metrics of one validation and, when ``check`` and the network has collapsed, the warning
+    line (``collapse_warning``); ``val/collapsed`` is 1 exactly when the line is returned."""
+    line = collapse_warning(step, val_loss, zero_output, output_ms, lr) if check else None
+    return ({"val/zero_output_loss": zero_output, "val/loss_to_zero_output": val_loss / zero_output,
+             "val/output_ms": output_ms, "val/collapsed": float(line is not None)}, line)
+
+
 @torch.no_grad()
 def heldout_metrics(loss_fn: Callable, x: torch.Tensor, *, batch_size: int = 64, seed: int = 0) -> dict:
     """DSM loss of ``loss_fn(x, generator)`` (a ``ScoreModel.compute_loss``) over held-out ``x`` with fixed

@@ -17,13 +17,13 @@ import lightning as L
 import torch
 from torch import nn
 
-from ncsn.diagnostics import collapse_warning, grad_norm
+from ncsn.diagnostics import grad_norm, health_metrics
 from ncsn.errors import ConfigError, UserError
 from ncsn.losses import LossOutput, dsm_loss, indexed_normal, level_probabilities, sliced_score_matching_loss
 from ncsn.nets import score_function
 from ncsn.perf import PerfRuntime, PerfSettings, graphed_sample, optimizer_kwargs, parameter_token
-from ncsn.samplers import build_plan, run_plan, sampler_settings
-from ncsn.sigmas import sigma_bin_key, validate_sigmas
+from ncsn.samplers import DEFAULT_INIT, build_plan, initial_samples, run_plan, sampler_settings
+from ncsn.sigmas import loss_by_sigma_bin, validate_sigmas
 
 log = logging.getLogger("ncsn")
 
@@ -31,11 +31,6 @@ LOSSES = {"dsm": dsm_loss, "ssm": sliced_score_matching_loss}
 
 #: the fractional part of the golden ratio: the validation levels' low-discrepancy sequence
 GOLDEN = 0.6180339887498949
-
-#: where initial samples are drawn (uniform on [init_low, init_high]; pc and cas add σ_1 z to it)
-DEFAULT_INIT = {"init_low": 0.0, "init_high": 1.0}
-#: samplers that start from the first level's noisy data rather than from plain uniform noise
-STARTS_FROM_PRIOR = ("pc", "cas")
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -136,15 +131,13 @@ class ScoreModel(L.LightningModule):
         return score_function(self.net if fast is None else fast, self.sigmas)(x, levels)
 
     def forward(self, x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-        """The score s(x, σ_levels) (what :meth:`score_fn` computes); with :attr:`example_input_array` it lets
-        Lightning's model summary count the FLOPs of one forward."""
+        """The score (:meth:`score_fn`); with :attr:`example_input_array` the model summary counts its FLOPs."""
         return self.score_fn(x, levels)
 
     @property
     def example_input_array(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One input of this model's shape at the largest σ (for the model summary's FLOP count)."""
-        return (torch.zeros(1, *self.data_shape, device=self.device),
-                torch.zeros(1, dtype=torch.long, device=self.device))
+        return torch.zeros(1, *self.data_shape, device=self.device), torch.zeros(1, dtype=torch.long, device=self.device)
 
     # ------------------------------------------------------------------ fast path (ncsn.perf)
     def perf_settings(self, device: torch.device | str | None = None) -> PerfSettings:
@@ -296,13 +289,7 @@ class ScoreModel(L.LightningModule):
         per_level = [float(s / c) if c > 0 else None for s, c in zip(level_sum, level_count)]
         self.val_per_level = {"step": self.global_step, "sigma": self.sigmas.tolist(), "loss": per_level,
                               "count": [int(c) for c in level_count]}
-        bins: dict[str, list[float]] = {}
-        for sigma, s, c in zip(self.val_per_level["sigma"], level_sum.tolist(), level_count.tolist()):
-            if c > 0:
-                acc = bins.setdefault(sigma_bin_key(sigma), [0.0, 0.0])
-                acc[0] += s
-                acc[1] += c
-        metrics.update({key: s / c for key, (s, c) in bins.items()})
+        metrics.update(loss_by_sigma_bin(self.val_per_level["sigma"], level_sum.tolist(), level_count.tolist()))
         # Already reduced (the one strategy.reduce above) and equal on every rank: rank_zero_only=True turns
         # Lightning's per-key reduction into a no-op (one all_reduce per key otherwise), and sync_dist=True tells it
         # the values are process-wide (no per-key "sync_dist" warning). Every rank logs the same values, so
@@ -311,21 +298,16 @@ class ScoreModel(L.LightningModule):
         self.log_dict(metrics, sync_dist=True, rank_zero_only=True)
 
     def _health_metrics(self, val_loss: float, zero_output: float, output_ms: float) -> dict[str, float]:
-        """The collapse metrics of one validation (of the weights being trained, never the EMA's), and the
-        warning line when the network has collapsed."""
-        collapsed = 0.0
-        if self.global_step >= self.collapse_check_after and not self.trainer.sanity_checking:
-            lr = None
-            if self.trainer.optimizers:
-                lr = float(self.trainer.optimizers[0].param_groups[0]["lr"])
-            line = collapse_warning(self.global_step, val_loss, zero_output, output_ms, lr)
-            if line is not None:
-                collapsed = 1.0
-                self.health_warnings.append(line)
-                if self.trainer.is_global_zero:
-                    log.warning(line)
-        return {"val/zero_output_loss": zero_output, "val/loss_to_zero_output": val_loss / zero_output,
-                "val/output_ms": output_ms, "val/collapsed": collapsed}
+        """The collapse metrics of one validation (of the weights being trained, never the EMA's); the warning
+        line is kept for metrics.json and logged once."""
+        lr = float(self.trainer.optimizers[0].param_groups[0]["lr"]) if self.trainer.optimizers else None
+        check = self.global_step >= self.collapse_check_after and not self.trainer.sanity_checking
+        metrics, line = health_metrics(self.global_step, val_loss, zero_output, output_ms, lr, check)
+        if line is not None:
+            self.health_warnings.append(line)
+            if self.trainer.is_global_zero:
+                log.warning(line)
+        return metrics
 
     # ------------------------------------------------------------------ checkpoints
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -363,15 +345,10 @@ class ScoreModel(L.LightningModule):
     # ------------------------------------------------------------------ sampling
     def initial_samples(self, n: int, generator: torch.Generator | None = None,
                         settings: Mapping[str, Any] | None = None) -> torch.Tensor:
-        """``n`` starting points for ``settings`` (default: this model's sampler): uniform on
-        [init_low, init_high], plus σ_1 z for the samplers that start from the first level's noisy data."""
+        """``n`` starting points for ``settings`` (default: this model's sampler), ``ncsn.samplers.initial_samples``
+        on this model's data shape, σ_1 and device."""
         settings = self.sampler_settings if settings is None else settings
-        low, high = settings["init_low"], settings["init_high"]
-        u = torch.rand((n, *self.data_shape), device=self.device, generator=generator)
-        x = low + (high - low) * u
-        if settings.get("name") in STARTS_FROM_PRIOR:
-            x = x + self.sigmas[0] * torch.randn(x.shape, device=self.device, generator=generator)
-        return x
+        return initial_samples(n, self.data_shape, self.sigmas[0], settings, generator, self.device)
 
     def sampling_settings(self, **overrides: Any) -> dict[str, Any]:
         """This model's sampler settings with ``overrides`` (a different ``name`` switches the sampler; its own

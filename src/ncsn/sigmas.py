@@ -284,3 +284,14 @@ def sigma_bin_key(sigma: float) -> str:
 def sigma_bin_low(key: str) -> float:
     """The lower edge of a ``sigma_bin_key`` key (to sort them by σ)."""
     return float(key.removeprefix(SIGMA_BIN_PREFIX).split("-")[0])
+
+
+def loss_by_sigma_bin(sigmas: list[float], sums: list[float], counts: list[float]) -> dict[str, float]:
+    """Per-level loss sums and counts pooled into the fixed σ bins (``sigma_bin_key``): key → mean loss."""
+    bins: dict[str, list[float]] = {}
+    for sigma, s, c in zip(sigmas, sums, counts):
+        if c > 0:
+            acc = bins.setdefault(sigma_bin_key(sigma), [0.0, 0.0])
+            acc[0] += s
+            acc[1] += c
+    return {key: s / c for key, (s, c) in bins.items()}

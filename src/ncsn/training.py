@@ -18,7 +18,6 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ncsn.app import _in_multirun, instantiate, instantiate_group
-from ncsn.callbacks import MetricsFileCallback, RngStateCallback, RunRecordCallback
 from ncsn.checkpoints import (
     AtomicCheckpointIO,
     check_checkpoint_matches,
@@ -27,6 +26,7 @@ from ncsn.checkpoints import (
 )
 from ncsn.console import print_closing_lines
 from ncsn.errors import ConfigError, UserError
+from ncsn.run_files import MetricsFileCallback, RngStateCallback, RunRecordCallback
 from ncsn.sweeps import apply_sweep_metadata, resolve_optimized_metric, run_quality_key
 
 log = logging.getLogger("ncsn")

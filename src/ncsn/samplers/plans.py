@@ -177,6 +177,24 @@ def sampler_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
     return merged
 
 
+#: where samples start: uniform on [init_low, init_high] (pc and cas add σ_1 z to it)
+DEFAULT_INIT = {"init_low": 0.0, "init_high": 1.0}
+#: samplers that start from the first level's noisy data rather than from plain uniform noise
+STARTS_FROM_PRIOR = ("pc", "cas")
+
+
+def initial_samples(n: int, shape: tuple[int, ...], sigma_max: torch.Tensor | float, settings: Mapping[str, Any],
+                    generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``n`` starting points of shape ``shape`` for ``settings``: uniform on [init_low, init_high] (default
+    [0, 1]), plus σ_1 z (``sigma_max``) for the samplers that start from the first level's noisy data."""
+    settings = {**DEFAULT_INIT, **settings}
+    low, high = settings["init_low"], settings["init_high"]
+    x = low + (high - low) * torch.rand((n, *shape), device=device, generator=generator)
+    if settings.get("name") in STARTS_FROM_PRIOR:
+        x = x + sigma_max * torch.randn(x.shape, device=device, generator=generator)
+    return x
+
+
 def describe_sampler(settings: Mapping[str, Any]) -> str:
     """``pc (n_corrector=1, snr=0.16, denoise=True)``: the sampler's name and the settings it reads."""
     s = sampler_settings(settings)
