@@ -57,7 +57,7 @@ from pathlib import Path
 import numpy as np
 
 from ncsn.metrics import digits as dc
-from ncsn.metrics.quality import (
+from ncsn.metrics.digit_quality import (
     DEGENERATE_BRIGHT_SHARE_MAX,
     DEGENERATE_MEAN_MAX,
     DEGENERATE_STD_MIN,
@@ -104,7 +104,7 @@ class Reference:
 
     def floor(self, n: int) -> float:
         """Fréchet distance of ``n`` random real training digits (fixed seed) to the held-out digits."""
-        return self.quality.floor(n)
+        return self.quality.floor(n)[0]
 
     def score(self, samples: np.ndarray) -> dict:
         samples = np.asarray(samples)
@@ -115,7 +115,8 @@ class Reference:
         return {"num_samples": r["num_samples"], "degenerate": r["degenerate"], "class_shares": r["class_shares"],
                 "min_share": r["class_share_min"] if defined else None,
                 "max_share": r["class_share_max"] if defined else None,
-                "frechet": r["fd"], "floor": r["fd_floor"], "floor_count": r["floor_count"], "ratio": r["fd_ratio"]}
+                "frechet": r["fd"], "floor": r["fd_floor"], "floor_count": r["floor_count"], "ratio": r["fd_ratio"],
+                "kid": r["kid"], "kid_std": r["kid_std"]}
 
 
 def targets(result: dict, kind: str = "gpu") -> dict[str, bool]:

@@ -170,17 +170,18 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else Path(args.ckpt).resolve().parent.parent / "samplers"
     print(f"{args.ckpt}: {model.num_scales} levels, {args.num_samples} samples per setting on {device}, "
           f"metric {primary}", flush=True)
-    rows = []
+    cpu = "AVX-512" if _has_avx512() else "no AVX-512"
+    where = f"{torch.cuda.get_device_name(device)}" if device.type == "cuda" else f"cpu ({cpu}, " \
+        f"{torch.get_num_threads()} threads)"
+    title = f"{Path(args.ckpt).name} ({model.num_scales} levels), {args.num_samples} samples, {where}"
+    rows, paths = [], {}
     for settings, plan in plans:
         full = model.sampling_settings(**settings)
         samples, seconds = draw(model, full, args.num_samples, args.batch_size, args.seed)
         scores = metric(samples.clamp(0, 1)) if metric is not None else {}
         rows.append(row_for(full, plan.nfe, seconds, scores, primary))
         print("  " + "  ".join(f"{k}={fmt(v)}" for k, v in rows[-1].items() if k != "sampler"), flush=True)
-    cpu = "AVX-512" if _has_avx512() else "no AVX-512"
-    title = (f"{Path(args.ckpt).name} ({model.num_scales} levels), {args.num_samples} samples, {device} "
-             f"({cpu}, {torch.get_num_threads()} threads)")
-    paths = write_outputs(rows, out, title)
+        paths = write_outputs(rows, out, title)  # after every row: a run cut short keeps the rows it finished
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 

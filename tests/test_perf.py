@@ -603,3 +603,37 @@ def test_cuda_nonfinite_loss_is_caught_before_the_update_without_a_sync_in_backw
         trainer.fit(model, train_dataloaders=data)
     after = model.net.state_dict()
     assert all(torch.equal(before[k].cpu(), after[k].cpu()) for k in before)
+
+
+def _gpu_check_module():
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT / "bench"))  # gpu_check imports bench/quality.py as `quality`
+    spec = importlib.util.spec_from_file_location("ncsn_bench_gpu_check", ROOT / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _check_record(experiment: str, degenerate: float) -> dict:
+    gpu_check = _gpu_check_module()
+    record = {"experiment": experiment, "budget_seconds": 300, "num_samples": 1000, "sample_wall_s": 12.0,
+              "degenerate": degenerate, "class_shares": [0.1] * 10, "frechet": 4.0, "ratio": 2.0, "floor": 2.0,
+              "kid": 0.05, "kid_std": 0.01}
+    record["targets"] = gpu_check.quality.targets(record, gpu_check.targets_kind(experiment))
+    return record
+
+
+@pytest.mark.parametrize("experiment, degenerate, verdict", [
+    ("mnist", 0.005, "PASS"), ("mnist", 0.015, "FAIL"),  # the GPU recipe's target: < 1 % degenerate
+    ("cpu", 0.015, "PASS"),  # the CPU recipe is judged by its own targets (< 2 %), not the GPU's
+])
+def test_gpu_check_names_the_experiment_and_its_targets_and_a_fail_is_a_failed_command(experiment, degenerate,
+                                                                                       verdict):
+    gpu_check = _gpu_check_module()
+    record = _check_record(experiment, degenerate)
+    text = gpu_check.verdict(record, {"metrics": {}})
+    assert text.splitlines()[0].startswith(f"GPU check: experiment={experiment}, 300 s of training")
+    assert f"{gpu_check.targets_kind(experiment)} targets" in text.splitlines()[0]
+    assert text.splitlines()[-1] == f"VERDICT: {verdict}"
+    assert gpu_check.passed(record) is (verdict == "PASS")  # main() exits 0 only then

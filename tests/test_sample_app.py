@@ -185,3 +185,25 @@ def test_trajectory_and_inpainting_work_with_every_sampler(ckpt, tmp_path, sampl
     arrays = np.load(files["array"])
     left = arrays["completions"].reshape(2, 2, 28, 28, 1)[:, :, :, :14]
     assert np.abs(left.astype(int) - arrays["originals"][:, None, :, :14].astype(int)).max() <= 1
+
+
+def test_bench_samplers_tables_nfe_quality_and_a_plot_for_each_setting(ckpt, tmp_path):
+    # bench/samplers.py on a real checkpoint: one row per setting with its exact NFE and the dataset's metric
+    import csv
+    import subprocess
+    import sys
+
+    levels = torch.load(ckpt, map_location="cpu", weights_only=False)["ncsn_config"]["sigmas"]["num_scales"]
+    out = tmp_path / "bench"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "samplers.py"), str(ckpt), "--num-samples", "8",
+                             "--batch-size", "4", "--threads", "1", "--out", str(out),
+                             "--grid", "pc:n_corrector=0,denoise=true;pc:n_corrector=1,snr=0.16,denoise=true"],
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    with open(out / "samplers.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["sampler"], int(r["nfe"])) for r in rows] == [("pc", levels), ("pc", 2 * levels)]
+    assert all(r["primary_key"] == "quality/kid" and np.isfinite(float(r["primary"])) for r in rows), rows
+    assert all(float(r["seconds"]) > 0 for r in rows)
+    assert Image.open(out / "samplers.png").size[0] > 300
+    assert "| pc | pc (n_corrector=1" in (out / "samplers.md").read_text()
