@@ -364,6 +364,10 @@ def test_sweep_metadata_is_a_no_op_outside_multiruns_or_without_wandb(hydra_job)
 def test_swept_key_helpers():
     assert sweep_keys(["a=1,2", "b=3", "c=range(1,3)", "+d=choice(x,y)", "e=[1,2]"]) == {"a", "c", "d"}
     assert sweep_keys([], {"x.y": "interval(0, 1)"}) == {"x.y"}
+    # an Optuna param set with ++ (hparams_search=cpu_recipe) is the job override's key, one report column
+    assert sweep_keys([], {"++sampler.snr": "choice(0.1, 0.2)"}) == {"sampler.snr"}
+    assert swept_items(["++sampler.snr=0.1", "b=3"], [], {"++sampler.snr": "choice(0.1, 0.2)"}) == [
+        ("sampler.snr", "0.1")]
     assert swept_items(["a=1", "b=3"], ["a=1,2", "b=3"]) == [("a", "1")]
     assert swept_items(["a=1", "b=3"]) == [("a", "1"), ("b", "3")]
 

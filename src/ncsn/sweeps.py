@@ -64,8 +64,9 @@ def override_items(overrides: Iterable[str]) -> list[tuple[str, str]]:
 
 
 def sweep_keys(sweep_overrides: Iterable[str] = (), sweeper_params: Mapping | None = None) -> set[str]:
-    """Keys a sweep varies: sweep-valued command-line overrides (``a=1,2``) and ``hydra.sweeper.params`` keys."""
-    keys: set[str] = {str(k) for k in (sweeper_params or {})}
+    """Keys a sweep varies: sweep-valued command-line overrides (``a=1,2``) and ``hydra.sweeper.params`` keys,
+    without ``+``/``++``/``~`` prefixes (as ``override_items`` gives the jobs' keys)."""
+    keys: set[str] = {str(k).lstrip("+~") for k in (sweeper_params or {})}
     parsed = _parse(sweep_overrides)
     if parsed is not None:
         for o in parsed:
