@@ -30,6 +30,7 @@ MISUSE = [
     ("one-level", "train.py sigmas.num_scales=1", "sigmas.num_scales must be an integer >= 2", 2),
     ("step-lr-not-positive", "train.py sampler.step_lr=0", "sampler.step_lr must be > 0", 2),
     ("no-langevin-steps", "train.py sampler.n_steps_each=0", "sampler.n_steps_each must be an integer >= 1", 2),
+    ("snr-not-positive", "train.py sampler=pc sampler.snr=0", "sampler.snr must be > 0", 2),
     ("batch-not-divisible", "train.py trainer=ddp_sim data.batch_size=127", "not divisible by 2 devices", 2),
     ("gpu-without-gpu", "train.py trainer=gpu", "trainer=gpu needs a CUDA GPU", 2),
     ("ckpt-missing", "train.py ckpt_path={tmp}/last.ckpt", "does not exist", 2),
