@@ -91,8 +91,8 @@ def passed(record: dict) -> bool:
 def verdict(record: dict, run_metrics: dict) -> str:
     m = run_metrics.get("metrics") or {}
     experiment = record.get("experiment", EXPERIMENT)
-    lines = [f"GPU check: experiment={experiment}, {record.get('budget_seconds', 0):.0f} s of training, judged by "
-             f"the {quality.targets_text(targets_kind(experiment))}"]
+    lines = [(f"GPU check: experiment={experiment}, {record.get('budget_seconds', 0):.0f} s of training, judged by "
+              f"the {quality.targets_text(targets_kind(experiment))}")]
     if "error" in record:
         return "\n".join([*lines, f"FAIL: {record['error']}"])
     steps = run_metrics.get("global_step")

@@ -15,7 +15,8 @@ TOTAL=${2:-560}
 BUDGET=${3:-300}
 N=${4:-1000}
 read -r -a EXTRA <<< "${NCSN_LANE_EXTRA:-}"
-# the recipe's sampler (ald, T = 5), ald at T = 2 (technique-4 step), and the two half-NFE samplers of README "Samplers"
+# ald T = 5 (NCSNv2 technique 4; mnist's sampler until issue 25), cas T = 2 (its sampler now), pc with one
+# corrector, cas T = 1, and ald at T = 2 (technique-4 step)
 GRID=${NCSN_LANE_GRID:-"ald:n_steps_each=5,step_lr=1.11e-5,denoise=true;cas:n_steps_each=2,step_lr=2e-5,denoise=true;pc:n_corrector=1,snr=0.16,denoise=true;cas:n_steps_each=1,step_lr=2e-5,denoise=true;ald:n_steps_each=2,step_lr=1.3466e-5,denoise=true"}
 mkdir -p "$OUT"
 bash bench/gpu_check.sh "$OUT/check" --budget-seconds "$BUDGET" --num-samples "$N" -- "${EXTRA[@]}"

@@ -170,9 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else Path(args.ckpt).resolve().parent.parent / "samplers"
     print(f"{args.ckpt}: {model.num_scales} levels, {args.num_samples} samples per setting on {device}, "
           f"metric {primary}", flush=True)
-    cpu = "AVX-512" if _has_avx512() else "no AVX-512"
-    where = f"{torch.cuda.get_device_name(device)}" if device.type == "cuda" else f"cpu ({cpu}, " \
-        f"{torch.get_num_threads()} threads)"
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = f"cpu ({'AVX-512' if _has_avx512() else 'no AVX-512'}, {torch.get_num_threads()} threads)"
     title = f"{Path(args.ckpt).name} ({model.num_scales} levels), {args.num_samples} samples, {where}"
     rows, paths = [], {}
     for settings, plan in plans:

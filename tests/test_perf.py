@@ -410,19 +410,24 @@ def test_bench_tiny_full_run(tmp_path):  # what `make bench-cpu` runs: ~40-80 s 
     print(f"bench --tiny took {time.time() - start:.0f} s")
 
 
-def _speed_module():
+def _bench_module(stem: str):
+    """``bench/<stem>.py`` as a module (loaded once); bench/ goes on sys.path for the scripts' own imports
+    (gpu_check imports bench/quality.py as ``quality``)."""
     import importlib.util
 
-    if "ncsn_bench_speed" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("ncsn_bench_speed", ROOT / "bench" / "speed.py")
+    name = f"ncsn_bench_{stem}"
+    if name not in sys.modules:
+        if str(ROOT / "bench") not in sys.path:
+            sys.path.insert(0, str(ROOT / "bench"))
+        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{stem}.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module  # dataclasses look their module up there
         spec.loader.exec_module(module)
-    return sys.modules["ncsn_bench_speed"]
+    return sys.modules[name]
 
 
 def test_bench_net_specs_follow_the_official_samplers():
-    speed = _speed_module()
+    speed = _bench_module("speed")
     assert set(speed.NETS) == {"cifar10", "mnist", "cifar10_ncsnv2"}
     v2 = speed.NETS["cifar10_ncsnv2"]
     assert (v2.net_class, v2.shape, v2.ngf, v2.num_scales, v2.n_steps_each, v2.step_lr, v2.denoise) == (
@@ -605,18 +610,8 @@ def test_cuda_nonfinite_loss_is_caught_before_the_update_without_a_sync_in_backw
     assert all(torch.equal(before[k].cpu(), after[k].cpu()) for k in before)
 
 
-def _gpu_check_module():
-    import importlib.util
-
-    sys.path.insert(0, str(ROOT / "bench"))  # gpu_check imports bench/quality.py as `quality`
-    spec = importlib.util.spec_from_file_location("ncsn_bench_gpu_check", ROOT / "bench" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _check_record(experiment: str, degenerate: float) -> dict:
-    gpu_check = _gpu_check_module()
+    gpu_check = _bench_module("gpu_check")
     record = {"experiment": experiment, "budget_seconds": 300, "num_samples": 1000, "sample_wall_s": 12.0,
               "degenerate": degenerate, "class_shares": [0.1] * 10, "frechet": 4.0, "ratio": 2.0, "floor": 2.0,
               "kid": 0.05, "kid_std": 0.01}
@@ -630,7 +625,7 @@ def _check_record(experiment: str, degenerate: float) -> dict:
 ])
 def test_gpu_check_names_the_experiment_and_its_targets_and_a_fail_is_a_failed_command(experiment, degenerate,
                                                                                        verdict):
-    gpu_check = _gpu_check_module()
+    gpu_check = _bench_module("gpu_check")
     record = _check_record(experiment, degenerate)
     text = gpu_check.verdict(record, {"metrics": {}})
     assert text.splitlines()[0].startswith(f"GPU check: experiment={experiment}, 300 s of training")

@@ -137,7 +137,8 @@ class ScoreModel(L.LightningModule):
     @property
     def example_input_array(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One input of this model's shape at the largest σ (for the model summary's FLOP count)."""
-        return torch.zeros(1, *self.data_shape, device=self.device), torch.zeros(1, dtype=torch.long, device=self.device)
+        return (torch.zeros(1, *self.data_shape, device=self.device),
+                torch.zeros(1, dtype=torch.long, device=self.device))
 
     # ------------------------------------------------------------------ fast path (ncsn.perf)
     def perf_settings(self, device: torch.device | str | None = None) -> PerfSettings:
