@@ -1,4 +1,5 @@
-"""Sample quality per network evaluation: every sampler (ald, pc, cas) at a few step counts on ONE checkpoint.
+"""Sample quality per network evaluation: every sampler (ald, pc, cas and the few-step family: euler, heun,
+dpmpp_2m, euler_ancestral, edm) at a few step counts on ONE checkpoint.
 A benchmark, not a test.
 
     python bench/samplers.py RUN/checkpoints/last.ckpt                   # 256 samples per setting
@@ -9,8 +10,8 @@ For each setting: the network evaluations per sample (NFE, ``ncsn.samplers``), t
 samples (measured in this run, one setting after the other, from one seed), the dataset's built-in quality
 metric (``ncsn.metrics``: its primary key, and for digits also ``quality/fd_ratio`` at this N, the number the
 CPU recipe's targets are written in), the degenerate share and the class shares. Writes, next to the checkpoint
-unless ``--out`` says otherwise: ``samplers.csv``, ``samplers.md`` (the table) and ``samplers.png`` (quality
-against NFE, one line per sampler).
+unless ``--out`` says otherwise: ``samplers.csv``, ``samplers.md`` (the table), ``samplers.png`` (quality
+against NFE, one line per sampler) and ``grid_NN_<sampler>.png`` (the first 64 samples of each setting, to look at).
 
 ALD's step size for T steps per level comes from NCSNv2 technique 4 on the checkpoint's σ list (as
 ``python -m ncsn.sigmas suggest``); cas gets η = step_lr/σ_L² values above the least its σ list allows.
@@ -27,9 +28,10 @@ import time
 from pathlib import Path
 
 import torch
+from torchvision.utils import save_image
 
 from ncsn.errors import UserError
-from ncsn.samplers import build_plan, describe_sampler
+from ncsn.samplers import describe_sampler
 from ncsn.sampling_app import load_model
 from ncsn.sigmas import technique4_step_lr
 
@@ -59,6 +61,9 @@ def default_grid(sigmas: torch.Tensor) -> list[dict]:
     for eta in sorted({min(1.0, max(least * 1.3, e)) for e in (0.1, 0.2, 0.4)}):
         grid.append({"name": "cas", "n_steps_each": 1, "step_lr": eta * sigma_min**2, "denoise": True})
     grid.append({"name": "cas", "n_steps_each": 2, "step_lr": max(least * 1.3, 0.2) * sigma_min**2, "denoise": True})
+    # the few-step family at its shipped defaults (≤ 50 NFE)
+    grid += [{"name": "euler", "num_steps": 35}, {"name": "heun", "num_steps": 18}, {"name": "dpmpp_2m", "num_steps": 20},
+             {"name": "euler_ancestral", "num_steps": 50}, {"name": "edm", "num_steps": 18}]
     return grid
 
 
@@ -84,7 +89,8 @@ def quality_metric(run_cfg, num: int, device):
 def row_for(settings: dict, nfe: int, seconds: float, scores: dict, primary: str | None) -> dict:
     row = {"sampler": settings["name"], "settings": describe_sampler(settings), "nfe": nfe,
            "seconds": round(seconds, 2), "primary_key": primary or "",
-           "primary": scores.get(primary) if primary else None}
+           "primary": scores.get(primary) if primary else None,
+           "primary_std": scores.get(f"{primary}_std") if primary else None}
     for key in ("quality/fd_ratio", "quality/degenerate", "quality/class_share_min", "quality/class_share_max",
                 "quality/class_share_max_dev", "quality/sliced_wasserstein"):
         if key in scores:
@@ -161,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         device = pick_device(args.device)
         model, run_cfg = load_model(args.ckpt, device=device)
         grid = parse_grid(args.grid) if args.grid else default_grid(model.sigmas.cpu())
-        plans = [(s, build_plan(model.sigmas, model.sampling_settings(**s))) for s in grid]
+        plans = [(s, model.sampling_plan(model.sampling_settings(**s))) for s in grid]
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -181,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         samples, seconds = draw(model, full, args.num_samples, args.batch_size, args.seed)
         scores = metric(samples.clamp(0, 1)) if metric is not None else {}
         rows.append(row_for(full, plan.nfe, seconds, scores, primary))
+        out.mkdir(parents=True, exist_ok=True)
+        save_image(samples[:64].clamp(0, 1), out / f"grid_{len(rows):02d}_{full['name']}.png", nrow=8, padding=1)
         print("  " + "  ".join(f"{k}={fmt(v)}" for k, v in rows[-1].items() if k != "sampler"), flush=True)
         paths = write_outputs(rows, out, title)  # after every row: a run cut short keeps the rows it finished
     print("wrote " + ", ".join(str(p) for p in paths.values()))

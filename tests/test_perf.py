@@ -120,8 +120,9 @@ def test_every_model_config_takes_the_perf_switch(model_choice):
 
 # ---------------------------------------------------------------------------------------------- sampler equivalence
 def mixture_score(sigmas):
-    def score(x, levels):
-        return gmm_perturbed_score(x, sigmas[levels][:, None])
+    def score(x, noise):  # level indices, or σ values (the few-step samplers)
+        sigma = noise if noise.dtype.is_floating_point else sigmas[noise]
+        return gmm_perturbed_score(x, sigma[:, None])
 
     return score
 
@@ -139,30 +140,32 @@ SAMPLER_SETTINGS = [
     {"name": "ald", "n_steps_each": 3, "step_lr": 0.05, "denoise": True},
     {"name": "pc", "n_corrector": 2, "snr": 0.16, "denoise": True},
     {"name": "cas", "n_steps_each": 2, "step_lr": 0.5, "denoise": True},
+    {"name": "euler", "num_steps": 6},
+    {"name": "heun", "num_steps": 6},
+    {"name": "dpmpp_2m", "num_steps": 6},
+    {"name": "euler_ancestral", "num_steps": 6},
+    {"name": "edm", "num_steps": 6, "s_churn": 10.0, "s_tmin": 0.0, "s_tmax": 100.0},
 ]
 
 
 @pytest.mark.parametrize("settings", SAMPLER_SETTINGS, ids=lambda s: f"{s['name']}")
 def test_graph_replay_loop_equals_the_eager_sampler_exactly_for_every_sampler(settings, monkeypatch):
     # The CUDA path's loop (static buffers, level and coefficient copies, noise drawn into the buffer, one
-    # replay per level) with the update run eagerly at each replay: bit for bit the eager sampler's samples.
+    # replay per level, the final update's own graph, the memory buffer) with the updates run eagerly at each
+    # replay: bit for bit the eager sampler's samples.
     from ncsn.perf import graphs as perf
 
     sigmas = toy_sigmas()
     score = mixture_score(sigmas)
     plan = build_plan(sigmas, settings)
-    built = []
-
-    def fake_graph(plan_, score_fn, x, cache, token):
-        built.append(plan_.name)
-        return perf._LevelGraph(plan_, score_fn, x, capture=False)
-
     monkeypatch.setattr(perf, "_graph_capable", lambda x: True)
-    monkeypatch.setattr(perf, "_get_graph", fake_graph)
     x0 = toy_init(64)
     eager = run_plan(plan, score, x0, sigmas, generator=torch.Generator().manual_seed(1))
-    replayed = graphed_sample(plan, score, x0, sigmas, generator=torch.Generator().manual_seed(1))
-    assert built == [settings["name"]] and torch.equal(eager, replayed)
+    cache: dict = {}
+    replayed = graphed_sample(plan, score, x0, sigmas, generator=torch.Generator().manual_seed(1), cache=cache)
+    graphs = [v for v in cache.values() if isinstance(v, perf._LevelGraph)]
+    assert {g.update for g in graphs} == {u for u in (plan.update, plan.final_update) if u is not None}
+    assert torch.equal(eager, replayed)
 
 
 def test_graphed_sampler_off_cuda_is_the_eager_sampler_with_the_default_generator_and_an_image_network():
@@ -182,7 +185,7 @@ def test_a_callback_falls_back_to_the_eager_sampler_and_sees_every_step(monkeypa
     from ncsn.perf import graphs as perf
 
     monkeypatch.setattr(perf, "_graph_capable", lambda x: True)
-    monkeypatch.setattr(perf, "_get_graph", lambda *a: pytest.fail("no graph with a callback"))
+    monkeypatch.setattr(perf, "_get_graphs", lambda *a, **k: pytest.fail("no graph with a callback"))
     sigmas = toy_sigmas()
     seen = []
     plan = build_plan(sigmas, {"n_steps_each": 3, "step_lr": 0.05})

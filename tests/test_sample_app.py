@@ -145,6 +145,18 @@ def test_sampler_group_replaces_the_checkpoints_settings_and_field_overrides_app
     assert used["sampler"]["name"] == "ald" and used["nfe"] == 10 * 2  # the checkpoint's ald, T from FAST
 
 
+@pytest.mark.parametrize("name, steps, nfe", [("euler", 6, 6), ("heun", 5, 9), ("dpmpp_2m", 6, 6),
+                                              ("euler_ancestral", 6, 6), ("edm", 5, 9)])
+def test_one_word_switches_to_a_few_step_sampler_on_a_level_indexed_checkpoint(ckpt, tmp_path, name, steps, nfe):
+    # the tiny run's network is the paper's NCSN (level-indexed, L = 10): the grid snaps to its levels
+    files = run_sample(tmp_path, ckpt, f"sampler={name}", f"sampler.num_steps={steps}")
+    used = json.loads((tmp_path / "sampler.json").read_text())
+    assert used["sampler"]["name"] == name and used["sampler"]["num_steps"] == steps and used["nfe"] == nfe
+    assert "n_steps_each" not in used["sampler"] and "denoise" not in used["sampler"]
+    arr = np.load(files["array"])["samples"]
+    assert arr.shape == (6, 28, 28, 1) and arr.std() > 0
+
+
 def test_cas_on_a_schedule_too_coarse_for_its_step_is_one_line_and_writes_nothing(ckpt, tmp_path, capsys):
     # sigma 1 -> 0.01 over 10 levels drops 40 % of the noise per level: cas needs step_lr >= 4e-5
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -172,9 +184,11 @@ def test_a_checkpoint_written_before_samplers_had_names_samples_with_ald_and_swi
     assert json.loads((tmp_path / "b" / "sampler.json").read_text())["nfe"] == 10
 
 
-@pytest.mark.parametrize("sampler, frames", [("pc", 1 + 10 * 2), ("cas", 1 + 9 * 2 + 1)])
+@pytest.mark.parametrize("sampler, frames", [("pc", 1 + 10 * 2), ("cas", 1 + 9 * 2 + 1), ("heun", 1 + 4),
+                                             ("edm", 1 + 4)])
 def test_trajectory_and_inpainting_work_with_every_sampler(ckpt, tmp_path, sampler, frames):
-    extra = ["sampler.step_lr=6e-5"] if sampler == "cas" else []
+    extra = {"cas": ["sampler.step_lr=6e-5"], "heun": ["sampler.num_steps=4"],
+             "edm": ["sampler.num_steps=4"]}.get(sampler, [])
     run_sample(tmp_path / "t", ckpt, f"sampler={sampler}", *extra, "mode=trajectory", "trajectory.num=2",
                "trajectory.every=1", "trajectory.gif=true")
     # one frame per step (+ the start, + the denoised one): the strip is frames x (28 + 2 padding) + 2 wide

@@ -177,7 +177,7 @@ def test_gaussian_data_gets_the_right_mean_and_variance(levels, settings, var_to
     ({"name": "pc", "n_corrector": 0}, 7),
     ({"name": "pc", "n_corrector": 2, "denoise": False}, 7 * 3),
     ({"name": "cas", "n_steps_each": 1, "step_lr": 1e-4}, 6 + 1),
-    ({"name": "cas", "n_steps_each": 3, "step_lr": 1e-4, "denoise": False}, 6 * 3),
+    ({"name": "cas", "n_steps_each": 3, "step_lr": 1e-4, "denoise": False}, 7 * 3),  # the last level too
 ])
 def test_nfe_is_exactly_the_network_evaluations_per_sample(settings, expected):
     sigmas = geometric_sigmas(1.0, 0.01, 7)
@@ -231,7 +231,18 @@ def test_cas_keeps_the_noise_level_on_the_schedule():
     x = sigmas[0] * torch.randn(20000, 4, generator=torch.Generator().manual_seed(0))
     consistent_annealed(lambda y, lv: -y / sigmas[lv].view(-1, 1) ** 2, x, sigmas, 1, 0.005, denoise=False,
                         generator=torch.Generator().manual_seed(1), callback=lambda d: stds.append(d["x"].std()))
-    torch.testing.assert_close(torch.stack(stds), sigmas[1:], rtol=0.02, atol=0)
+    # without the denoising step the paper's last step runs at σ_L and adds no noise: (1 − η) σ_L is left
+    eta = 0.005 / float(sigmas[-1]) ** 2
+    expected = torch.cat([sigmas[1:], (1 - eta) * sigmas[-1:]])
+    torch.testing.assert_close(torch.stack(stds), expected, rtol=0.02, atol=0)
+
+
+def test_cas_allows_the_official_range_of_eta_up_to_one_plus_the_level_ratio():
+    # σ 1 → 0.01 over 10 levels: σ_{i+1}/σ_i = 0.6, so η = step_lr/σ_L² may go up to 1.6 (the official code)
+    sigmas = geometric_sigmas(1.0, 0.01, 10)
+    assert build_plan(sigmas, {"name": "cas", "step_lr": 1.5e-4}).nfe == 10
+    with pytest.raises(ConfigError, match="step_lr <= 0.00016"):
+        build_plan(sigmas, {"name": "cas", "step_lr": 1.7e-4})
 
 
 @pytest.mark.parametrize("settings, words", [

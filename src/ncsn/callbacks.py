@@ -15,7 +15,7 @@ from torchvision.utils import make_grid, save_image
 
 from ncsn.data.transforms import to_image_range
 from ncsn.ema import averaged_module
-from ncsn.samplers import build_plan, describe_sampler
+from ncsn.samplers import describe_sampler
 
 log = logging.getLogger("ncsn")
 
@@ -130,7 +130,7 @@ class SampleGridCallback(L.Callback):
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         samples = module.sample(self.num_samples, generator=generator, **self.sampler)
         settings = module.sampling_settings(**self.sampler)
-        nfe = build_plan(module.sigmas, settings).nfe
+        nfe = module.sampling_plan(settings).nfe
         log.info("step %d: %d samples with %s, %d network evaluations each", step, self.num_samples,
                  describe_sampler(settings), nfe)
         for logger in trainer.loggers:

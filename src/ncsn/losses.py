@@ -101,6 +101,7 @@ def dsm_loss(
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     level_probs: torch.Tensor | None = None,
+    continuous: bool = False,
 ) -> LossOutput:
     """Weighted multi-σ denoising score matching.
 
@@ -114,15 +115,28 @@ def dsm_loss(
         generator: random generator for the level and noise draws.
         level_probs: the levels' draw probabilities [L] when ``levels`` is omitted (``level_probabilities``;
             None: uniform).
+        continuous: draw σ itself log-uniformly between σ_L and σ_1 (the continuous form of the paper's
+            uniform level draws on a geometric list) when ``levels`` is omitted, and ask ``score_fn`` for the
+            score at that σ (a float tensor [B]); the per-level breakdown files each sample under the nearest
+            level in log σ. For networks that ignore σ or take it (NCSNv2, ``sigma_embedding``), not for
+            level-indexed ones.
     """
     num_scales = sigmas.shape[0]
-    if levels is None:
-        levels = sample_levels(x.shape[0], num_scales, x.device, generator, level_probs)
+    table = sigmas.to(x.device, x.dtype)
+    if levels is None and continuous:
+        u = torch.rand(x.shape[0], device=x.device, generator=generator, dtype=x.dtype)
+        log_hi, log_lo = table[0].log(), table[-1].log()
+        sigma_drawn = (log_hi + u * (log_lo - log_hi)).exp()
+        levels = (sigma_drawn.log()[:, None] - table.log()).abs().argmin(dim=1)
+    else:
+        sigma_drawn = None
+        if levels is None:
+            levels = sample_levels(x.shape[0], num_scales, x.device, generator, level_probs)
     if noise is None:
         noise = _randn_like(x, generator)
-    used = sigmas.to(x.device, x.dtype)[levels].view(-1, *([1] * (x.ndim - 1)))
+    used = (table[levels] if sigma_drawn is None else sigma_drawn).view(-1, *([1] * (x.ndim - 1)))
     x_noisy = x + used * noise
-    score = score_fn(x_noisy, levels)
+    score = score_fn(x_noisy, levels if sigma_drawn is None else sigma_drawn)
     # ½ σ^p ‖s + z/σ‖²; computed in fp32 so the loss stays exact under autocast.
     sigma = used.float()
     residual = score.float() + noise.float() / sigma

@@ -20,7 +20,7 @@ from torch import nn
 from ncsn.diagnostics import grad_norm, health_metrics
 from ncsn.errors import ConfigError, UserError
 from ncsn.losses import LossOutput, dsm_loss, indexed_normal, level_probabilities, sliced_score_matching_loss
-from ncsn.nets import score_function
+from ncsn.nets import noise_input, score_function
 from ncsn.perf import PerfRuntime, PerfSettings, graphed_sample, optimizer_kwargs, parameter_token
 from ncsn.samplers import DEFAULT_INIT, build_plan, initial_samples, run_plan, sampler_settings
 from ncsn.sigmas import loss_by_sigma_bin, validate_sigmas
@@ -35,6 +35,10 @@ GOLDEN = 0.6180339887498949
 
 class NonFiniteLossError(UserError, RuntimeError):
     """Training produced a NaN or infinite loss."""
+
+
+#: how training draws σ (``sigma_draw``)
+SIGMA_DRAWS = ("levels", "log_uniform")
 
 
 class ScoreModel(L.LightningModule):
@@ -63,6 +67,9 @@ class ScoreModel(L.LightningModule):
         level_draw_power: how training draws the levels (DSM): 0 uniform (the paper), q > 0 draws level i with
             probability ∝ σ_i^(−q), favouring the small σ (``ncsn.losses.level_probabilities``). Validation
             always covers the levels evenly.
+        sigma_draw: ``levels`` (the paper: σ from the list) or ``log_uniform`` (σ drawn continuously between σ_L
+            and σ_1, ``ncsn.losses.dsm_loss(continuous=True)``: the network learns every σ a few-step
+            sampler's grid may ask for). Validation stays on the levels.
 
     Besides the losses it logs what shows a collapse, without a host sync per step: ``train/grad_norm``
     (before clipping), ``train/output_ms`` and ``val/output_ms`` (mean square of σ·s: 0 for a constant zero
@@ -85,6 +92,7 @@ class ScoreModel(L.LightningModule):
         perf: Mapping[str, Any] | PerfSettings | None = None,
         collapse_check_after: int = 100,
         level_draw_power: float = 0.0,
+        sigma_draw: str = "levels",
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
@@ -97,7 +105,7 @@ class ScoreModel(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.sampler_settings = {**DEFAULT_INIT, **sampler_settings(sampler)}
-        build_plan(self.sigmas, self.sampler_settings)  # bad settings: one clear error now, not at the first sample
+        self.sampling_plan(self.sampler_settings)  # bad settings: one clear error now, not at the first sample
         self.loss_name = loss
         self.weight_power = weight_power
         self.val_seed = val_seed
@@ -116,6 +124,12 @@ class ScoreModel(L.LightningModule):
         self._perf = PerfRuntime()
         if level_draw_power != 0 and loss != "dsm":
             raise ConfigError("model.level_draw_power applies to the dsm loss only")
+        if sigma_draw not in SIGMA_DRAWS:
+            raise ConfigError(f"unknown model.sigma_draw '{sigma_draw}'; choose one of {', '.join(SIGMA_DRAWS)}")
+        if sigma_draw == "log_uniform" and (loss != "dsm" or level_draw_power != 0 or noise_input(net) == "level"):
+            raise ConfigError("model.sigma_draw=log_uniform needs the dsm loss, uniform draws (level_draw_power 0) "
+                              "and a network that is not level-indexed (ncsnv2; model=ncsn looks σ up per level)")
+        self.sigma_draw = sigma_draw
         probs = level_probabilities(self.sigmas, level_draw_power)
         self.register_buffer("level_probs", probs if probs is not None else torch.zeros(0), persistent=False)
 
@@ -163,6 +177,8 @@ class ScoreModel(L.LightningModule):
 
     def compute_loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> LossOutput:
         extra = {"level_probs": self.level_probs} if self.level_probs.numel() else {}
+        if self.sigma_draw == "log_uniform":
+            extra["continuous"] = True
         return LOSSES[self.loss_name](self.score_fn, x, self.sigmas, weight_power=self.weight_power,
                                       generator=generator, **extra)
 
@@ -352,9 +368,24 @@ class ScoreModel(L.LightningModule):
         return initial_samples(n, self.data_shape, self.sigmas[0], settings, generator, self.device)
 
     def sampling_settings(self, **overrides: Any) -> dict[str, Any]:
-        """This model's sampler settings with ``overrides`` (a different ``name`` switches the sampler; its own
-        defaults fill the keys it has and the overrides do not give)."""
-        return {**DEFAULT_INIT, **sampler_settings({**self.sampler_settings, **overrides})}
+        """This model's sampler settings with ``overrides``. A different ``name`` switches the sampler: it starts
+        from that sampler's own defaults (nothing of this model's sampler carries over but where samples start,
+        ``init_low``/``init_high``), and only the overrides apply on top."""
+        name = overrides.get("name")
+        if name is not None and name != self.sampler_settings.get("name"):
+            base = {k: self.sampler_settings[k] for k in DEFAULT_INIT if k in self.sampler_settings}
+        else:
+            base = dict(self.sampler_settings)
+        return {**DEFAULT_INIT, **sampler_settings({**base, **overrides})}
+
+    def snap_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The σ the network is evaluated at for each wanted σ (``ncsn.nets.ScoreFunction.snap``): the few-step
+        samplers' grids go through it, so a level-indexed network only ever sees its trained levels."""
+        return score_function(self.net, self.sigmas).snap(sigma)
+
+    def sampling_plan(self, settings: Mapping[str, Any]):
+        """The sampler plan of ``settings`` on this model's σ list and network (``ncsn.samplers.build_plan``)."""
+        return build_plan(self.sigmas, settings, self.snap_sigma)
 
     @torch.no_grad()
     def sample(
@@ -367,12 +398,12 @@ class ScoreModel(L.LightningModule):
         x_init: torch.Tensor | None = None,
         **overrides: Any,
     ) -> torch.Tensor:
-        """Draw ``n`` samples (model range) with the configured sampler (``ald``, ``pc`` or ``cas``).
+        """Draw ``n`` samples (model range) with the configured sampler (any of ``ncsn.samplers.SAMPLERS``).
 
         ``overrides`` replace sampler settings for this call (e.g. ``name="pc"``, ``n_corrector=2``).
         """
         settings = self.sampling_settings(**overrides)
-        plan = build_plan(self.sigmas, settings)
+        plan = self.sampling_plan(settings)
         was_training = self.training
         self.eval()
         x = self.initial_samples(n, generator, settings) if x_init is None else x_init.to(self.device)

@@ -39,7 +39,7 @@ from ncsn.checkpoints import load_checkpoint
 from ncsn.devices import pick_device
 from ncsn.errors import CheckpointError, ConfigError
 from ncsn.module import ScoreModel
-from ncsn.samplers import build_plan, describe_sampler, inpaint
+from ncsn.samplers import describe_sampler, inpaint
 
 log = logging.getLogger("ncsn")
 
@@ -208,7 +208,7 @@ def run_inpaint(model, cfg, out: Path, overrides: dict, run_cfg: DictConfig) -> 
     full_mask = mask.repeat_interleave(k, dim=0) if mask.shape[0] > 1 else mask
     x_init = model.initial_samples(known.shape[0], generator, settings)
     completions = inpaint(model.score_fn, known, full_mask, model.sigmas, settings, x_init=x_init,
-                          generator=generator, progress=cfg.progress).view(n, k, *images.shape[1:])
+                          generator=generator, progress=cfg.progress, snap=model.snap_sigma).view(n, k, *images.shape[1:])
     occluded = images * mask + (1 - mask) * 0.5
     rows = torch.cat([occluded[:, None], completions, images[:, None]], dim=1)  # [n, k + 2, C, H, W]
     grid = image_grid(rows.flatten(0, 1).cpu(), nrow=k + 2)
@@ -282,7 +282,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     model, run_cfg = load_model(cfg.ckpt_path, use_ema=bool(cfg.use_ema), device=device)
     overrides = {k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items() if v is not None}
     settings = model.sampling_settings(**overrides)
-    plan = build_plan(model.sigmas, settings)  # bad settings: one clear error before anything is written
+    plan = model.sampling_plan(settings)  # bad settings: one clear error before anything is written
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     log.info("Sampling (%s) from %s into %s on %s", cfg.mode, cfg.ckpt_path, out.resolve(), device)

@@ -69,6 +69,26 @@ def linear_sigmas(sigma_max: float = 1.0, sigma_min: float = 0.01, num_scales: i
     return validate_sigmas(torch.linspace(sigma_max, sigma_min, int(num_scales), dtype=torch.float64).float())
 
 
+def karras_grid(sigma_max: float, sigma_min: float, num_steps: int, rho: float = 7.0) -> torch.Tensor:
+    """The few-step samplers' σ grid (Karras et al. 2022, EDM eq. 5): ``num_steps`` values from ``sigma_max``
+    to ``sigma_min`` spaced evenly in σ^(1/ρ) (ρ = 7 puts most steps at small σ; ρ → ∞ is geometric), then 0.
+    Returns float64 [num_steps + 1]; ``num_steps = 1`` is [σ_max, 0]."""
+    if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
+        raise ConfigError(f"sampler.num_steps must be an integer >= 1 (got {num_steps})")
+    if not 0 < sigma_min < sigma_max:
+        raise ConfigError(f"the sampler's sigma grid needs 0 < sigma_min < sigma_max (got {sigma_min:g}, {sigma_max:g})")
+    if not rho > 0:
+        raise ConfigError(f"sampler.rho must be > 0 (got {rho})")
+    n = int(num_steps)
+    if n == 1:
+        return torch.tensor([float(sigma_max), 0.0], dtype=torch.float64)
+    ramp = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+    hi, lo = float(sigma_max) ** (1.0 / rho), float(sigma_min) ** (1.0 / rho)
+    grid = (hi + ramp * (lo - hi)) ** rho
+    grid[0], grid[-1] = float(sigma_max), float(sigma_min)  # exact ends (no round-off from the power)
+    return torch.cat([grid, grid.new_zeros(1)])
+
+
 def explicit_sigmas(values: list[float]) -> torch.Tensor:
     """A user-given list of levels, validated."""
     return validate_sigmas(torch.tensor(list(values), dtype=torch.float32))

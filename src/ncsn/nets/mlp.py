@@ -24,6 +24,7 @@ class ToyScoreMLP(nn.Module):
     """
 
     divide_by_sigma = True
+    noise_input = "level"  # a learned embedding per trained level
 
     def __init__(
         self,

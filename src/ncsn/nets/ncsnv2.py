@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ncsn.nets.layers import RefineBlock, ResidualBlock
-from ncsn.nets.normalization import InstanceNorm2dPlus
+from ncsn.nets.layers import ConditionalResidualBlock, RefineBlock, ResidualBlock
+from ncsn.nets.normalization import InstanceNorm2dPlus, SigmaEmbedding, SigmaInstanceNorm2dPlus
 
 
 class NCSNv2(nn.Module):
@@ -28,9 +28,14 @@ class NCSNv2(nn.Module):
         ngf: base number of feature maps.
         num_scales: accepted so NCSN and NCSNv2 share config keys; unused.
         rescale_input: map inputs from [0, 1] to [-1, 1] with ``2x - 1`` before the first conv.
+        sigma_embedding: tell the network σ (not in the official NCSNv2): a continuous embedding of log σ
+            (:class:`SigmaEmbedding`, width 4·ngf) conditions every residual block's InstanceNorm++ and the
+            final one (:class:`SigmaInstanceNorm2dPlus`); ``forward(x, sigma)`` then takes σ values and
+            ``noise_input`` is ``"sigma"``. The score stays net(x, σ)/σ. Off: exactly the official network.
     """
 
     divide_by_sigma = True
+    noise_input = "none"  # σ enters only through the division: evaluated at any σ exactly
 
     def __init__(
         self,
@@ -39,6 +44,7 @@ class NCSNv2(nn.Module):
         ngf: int = 128,
         num_scales: int | None = None,
         rescale_input: bool = True,
+        sigma_embedding: bool = False,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
@@ -47,16 +53,26 @@ class NCSNv2(nn.Module):
         self.num_scales = num_scales
         self.rescale_input = rescale_input
 
-        norm = InstanceNorm2dPlus
         act = nn.ELU()
         self.act = act
         wide = 2 * ngf
+        self.sigma_embedding = bool(sigma_embedding)
+        if self.sigma_embedding:
+            self.noise_input = "sigma"
+            width = 4 * ngf
+            self.sigma_embed = SigmaEmbedding(width)
 
-        def block(cin: int, cout: int, **kwargs) -> ResidualBlock:
-            return ResidualBlock(cin, cout, norm, act=act, **kwargs)
+            def block(cin: int, cout: int, **kwargs) -> nn.Module:
+                return ConditionalResidualBlock(cin, cout, width, SigmaInstanceNorm2dPlus, act=act, **kwargs)
+
+            self.normalizer = SigmaInstanceNorm2dPlus(ngf, width)
+        else:
+            def block(cin: int, cout: int, **kwargs) -> nn.Module:
+                return ResidualBlock(cin, cout, InstanceNorm2dPlus, act=act, **kwargs)
+
+            self.normalizer = InstanceNorm2dPlus(ngf, bias=True)
 
         self.begin_conv = nn.Conv2d(in_channels, ngf, 3, stride=1, padding=1)
-        self.normalizer = norm(ngf, bias=True)
         self.end_conv = nn.Conv2d(ngf, in_channels, 3, stride=1, padding=1)
 
         self.res1 = nn.ModuleList([block(ngf, ngf), block(ngf, ngf)])
@@ -77,28 +93,30 @@ class NCSNv2(nn.Module):
         self.refine4 = RefineBlock([ngf, ngf], ngf, act, end=True)
 
     @staticmethod
-    def _run(stage: nn.ModuleList, h: torch.Tensor) -> torch.Tensor:
+    def _run(stage: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         for blk in stage:
-            h = blk(h)
+            h = blk(h) if emb is None else blk(h, emb)
         return h
 
     def forward(self, x: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
-        """Raw output for images ``x`` [B, C, H, W]; ``levels`` is accepted and ignored.
+        """Raw output for images ``x`` [B, C, H, W]; ``levels`` is accepted and ignored (with
+        ``sigma_embedding``: the σ values [B] the network is conditioned on).
 
         Divide by sigma (see :func:`ncsn.nets.score_function`) to get the score.
         """
+        emb = self.sigma_embed(levels) if self.sigma_embedding else None
         h = 2.0 * x - 1.0 if self.rescale_input else x
         h = self.begin_conv(h)
 
-        layer1 = self._run(self.res1, h)
-        layer2 = self._run(self.res2, layer1)
-        layer3 = self._run(self.res3, layer2)
-        layer4 = self._run(self.res4, layer3)
+        layer1 = self._run(self.res1, h, emb)
+        layer2 = self._run(self.res2, layer1, emb)
+        layer3 = self._run(self.res3, layer2, emb)
+        layer4 = self._run(self.res4, layer3, emb)
 
         ref = self.refine1([layer4], layer4.shape[2:])
         ref = self.refine2([layer3, ref], layer3.shape[2:])
         ref = self.refine3([layer2, ref], layer2.shape[2:])
         ref = self.refine4([layer1, ref], layer1.shape[2:])
 
-        out = self.act(self.normalizer(ref))
+        out = self.act(self.normalizer(ref) if emb is None else self.normalizer(ref, emb))
         return self.end_conv(out)

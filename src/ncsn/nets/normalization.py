@@ -90,3 +90,46 @@ class InstanceNorm2dPlus(nn.Module):
         if self.bias:
             out = out + self.beta[None, :, None, None]
         return out
+
+
+class SigmaEmbedding(nn.Module):
+    """A continuous embedding of the noise level: t = log σ through fixed sinusoids (periods from about 0.8 to
+    25 in log σ, so both the σ range of a schedule and its neighbouring levels are told apart), then a small
+    MLP to ``dim`` features. The networks that take σ itself (``noise_input = "sigma"``) compute it once per
+    forward and hand it to every :class:`SigmaInstanceNorm2dPlus`."""
+
+    def __init__(self, dim: int, num_frequencies: int = 8) -> None:
+        super().__init__()
+        self.register_buffer("frequencies", 2.0 ** torch.arange(num_frequencies, dtype=torch.float32) / 4.0,
+                             persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(2 * num_frequencies + 1, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, sigma: torch.Tensor) -> torch.Tensor:
+        t = sigma.float().clamp_min(1e-12).log()[:, None]
+        phase = t * self.frequencies
+        return self.mlp(torch.cat([t, phase.sin(), phase.cos()], dim=1))
+
+
+class SigmaInstanceNorm2dPlus(InstanceNorm2dPlus):
+    """InstanceNorm++ conditioned on a continuous σ embedding: the per-channel ``gamma``, ``alpha``, ``beta`` of
+    :class:`InstanceNorm2dPlus` plus a linear map of the embedding (zero at initialisation, so an untrained
+    network starts as the unconditional one). The same call signature as :class:`ConditionalInstanceNorm2dPlus`
+    (``num_classes`` is the embedding width), so the conditional residual blocks take it as they are.
+    """
+
+    def __init__(self, num_features: int, num_classes: int, bias: bool = True) -> None:
+        super().__init__(num_features, bias)
+        self.film = nn.Linear(num_classes, 3 * num_features)
+        nn.init.zeros_(self.film.weight)
+        nn.init.zeros_(self.film.bias)
+
+    def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        h, means = _normalise_plus(x)
+        c = self.num_features
+        shift = self.film(embedding)[:, :, None, None]
+        gamma = self.gamma[None, :, None, None] + shift[:, :c]
+        alpha = self.alpha[None, :, None, None] + shift[:, c : 2 * c]
+        out = gamma * (h + alpha * means[:, :, None, None])
+        if self.bias:
+            out = out + self.beta[None, :, None, None] + shift[:, 2 * c :]
+        return out

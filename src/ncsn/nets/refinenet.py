@@ -38,6 +38,7 @@ class NCSN(nn.Module):
     """
 
     divide_by_sigma = False
+    noise_input = "level"  # conditional instance norm++ looks its parameters up per trained level
 
     def __init__(
         self,

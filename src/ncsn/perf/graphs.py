@@ -15,37 +15,50 @@ log = logging.getLogger("ncsn")
 
 
 # ---------------------------------------------------------------------------------------------- sampling
-class _LevelGraph:
-    """Static buffers and the captured CUDA graph of one sampler's per-level update (``plan.update``) for one
-    batch shape. ``capture=False`` keeps the buffers and runs the update eagerly at each :meth:`replay` (how
-    the CPU tests check the replay loop of :func:`graphed_sample`)."""
+class _Buffers:
+    """The static tensors every captured level update of one batch shape reads and writes: the sample, the
+    level's noise, its coefficients and level index, and the plan's memory (DPM-Solver++ 2M's last estimate)."""
 
-    def __init__(self, plan: SamplerPlan, score_fn: ScoreFn, x: torch.Tensor, *, capture: bool = True,
-                 warmup: int = 2) -> None:
-        self.update, self.score_fn = plan.update, score_fn
+    def __init__(self, plan: SamplerPlan, x: torch.Tensor) -> None:
         self.x = x.detach().clone(memory_format=torch.contiguous_format)
         self.noise = torch.zeros((plan.draws, *x.shape), dtype=x.dtype, device=x.device)
         self.levels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         self.coeffs = torch.zeros(plan.coeffs.shape[1], dtype=x.dtype, device=x.device)
+        self.memory = torch.zeros((plan.memory, *x.shape), dtype=x.dtype, device=x.device) if plan.memory else None
+
+
+class _LevelGraph:
+    """The captured CUDA graph of one level update (``plan.update`` or ``plan.final_update``) over shared
+    :class:`_Buffers`. ``capture=False`` runs the update eagerly at each :meth:`replay` (how the CPU tests
+    check the replay loop of :func:`graphed_sample`)."""
+
+    def __init__(self, update, score_fn: ScoreFn, buffers: _Buffers, *, capture: bool = True,
+                 warmup: int = 2) -> None:
+        self.update, self.score_fn, self.buffers = update, score_fn, buffers
         self.graph: torch.cuda.CUDAGraph | None = None
         if not capture:
             return
-        start = self.x.clone()
+        b = buffers
+        start = b.x.clone()
+        memory = b.memory.clone() if b.memory is not None else None
         # Warm up on a side stream (lazy cuDNN/cuBLAS handles, autotuning, torch.compile), then capture.
-        side = torch.cuda.Stream(device=x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
+        side = torch.cuda.Stream(device=b.x.device)
+        side.wait_stream(torch.cuda.current_stream(b.x.device))
         with torch.cuda.stream(side):
             for _ in range(warmup):
                 self._body()
-        torch.cuda.current_stream(x.device).wait_stream(side)
+        torch.cuda.current_stream(b.x.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: a DataLoader pin-memory thread calling CUDA meanwhile must not break the capture
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self._body()
-        self.x.copy_(start)
+        b.x.copy_(start)
+        if memory is not None:
+            b.memory.copy_(memory)
 
     def _body(self) -> None:
-        self.x.copy_(self.update(self.score_fn, self.x, self.levels, self.coeffs, self.noise))
+        b = self.buffers
+        b.x.copy_(self.update(self.score_fn, b.x, b.levels, b.coeffs, b.noise, None, b.memory))
 
     def replay(self) -> None:
         if self.graph is None:
@@ -85,41 +98,52 @@ def graphed_sample(
     ``cache_token`` (e.g. the parameters' data pointers) invalidates it when it changes. Graphs read the
     network's parameters in place, so in-place updates (optimizer steps, ``load_state_dict``) are seen.
     """
-    graph = None
+    graphs = None
     if cuda_graphs and _graph_capable(x) and callback is None:
-        graph = _get_graph(plan, score_fn, x.contiguous(), cache, cache_token)
-    if graph is None:
+        graphs = _get_graphs(plan, score_fn, x.contiguous(), cache, cache_token, capture=x.is_cuda)
+    if graphs is None:
         return run_plan(plan, score_fn, x, sigmas, callback=callback, generator=generator, progress=progress)
     sigmas = sigmas.to(device=x.device, dtype=x.dtype)
     coeffs = plan.coeffs.to(device=x.device, dtype=x.dtype)
-    graph.x.copy_(x)
+    buffers = graphs[plan.update].buffers
+    buffers.x.copy_(x)
+    if buffers.memory is not None:
+        buffers.memory.zero_()
     for i in level_iter(plan.num_levels, progress, plan.title + " (CUDA graphs)"):
-        graph.levels.fill_(i)
-        graph.coeffs.copy_(coeffs[i])
+        buffers.levels.fill_(i)
+        buffers.coeffs.copy_(coeffs[i])
         for t in range(plan.draws):
-            fill_noise(graph.noise[t], generator)
-        graph.replay()
-    x = graph.x.clone()
+            fill_noise(buffers.noise[t], generator)
+        graphs[plan.update_at(i)].replay()
+    x = buffers.x.clone()
     return denoise_step(score_fn, x, sigmas) if plan.denoise else x
 
 
-def _get_graph(plan: SamplerPlan, score_fn: ScoreFn, x: torch.Tensor, cache: dict | None,
-               cache_token: Any) -> _LevelGraph | None:
-    key = (plan.update, id(score_fn), tuple(x.shape), x.dtype, str(x.device), plan.draws, plan.coeffs.shape[1])
-    if cache is not None:
-        if cache.get("token") != cache_token:
-            cache.clear()
-            cache["token"] = cache_token
-        if key in cache:
-            return cache[key]
-    try:
-        graph: _LevelGraph | None = _LevelGraph(plan, score_fn, x)
-    except Exception as exc:  # noqa: BLE001 - any capture failure: run the same steps eagerly instead
-        warnings.warn(f"CUDA-graph capture of the {plan.title} steps failed ({type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0] if str(exc) else ''}); sampling without CUDA graphs",
-                      RuntimeWarning, stacklevel=3)
-        graph = None
-    if cache is not None:
-        cache[key] = graph
-    return graph
-
+def _get_graphs(plan: SamplerPlan, score_fn: ScoreFn, x: torch.Tensor, cache: dict | None,
+                cache_token: Any, capture: bool = True) -> dict | None:
+    """One captured graph per distinct update of ``plan`` (``update``, ``final_update``), all over the same
+    buffers (None if a capture failed: the caller then samples eagerly). ``capture=False``: the same buffers
+    and replay loop with the updates run eagerly (off CUDA, for tests)."""
+    shape_key = (tuple(x.shape), x.dtype, str(x.device), plan.draws, plan.coeffs.shape[1], plan.memory)
+    if cache is not None and cache.get("token") != cache_token:
+        cache.clear()
+        cache["token"] = cache_token
+    cache = {} if cache is None else cache
+    buffers = cache.get(("buffers", *shape_key))
+    if buffers is None:
+        buffers = cache[("buffers", *shape_key)] = _Buffers(plan, x)
+    graphs = {}
+    for update in dict.fromkeys(u for u in (plan.update, plan.final_update) if u is not None):
+        key = (update, id(score_fn), *shape_key)
+        if key not in cache:
+            try:
+                cache[key] = _LevelGraph(update, score_fn, buffers, capture=capture)
+            except Exception as exc:  # noqa: BLE001 - any capture failure: run the same steps eagerly instead
+                warnings.warn(f"CUDA-graph capture of the {plan.title} steps failed ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); sampling without CUDA graphs",
+                              RuntimeWarning, stacklevel=3)
+                cache[key] = None
+        if cache[key] is None:
+            return None
+        graphs[update] = cache[key]
+    return graphs

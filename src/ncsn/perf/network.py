@@ -154,13 +154,14 @@ def _raise_recompile_limit(limit: int = 64) -> None:
 
 class FastForward:
     """``net(x, levels)`` the fast way: channels_last input, bf16 autocast, optionally compiled; returns a
-    contiguous fp32 output. Carries ``divide_by_sigma`` so :func:`ncsn.nets.score_function` accepts it."""
+    contiguous fp32 output. Carries ``divide_by_sigma`` and ``noise_input`` so :func:`ncsn.nets.score_function` accepts it."""
 
     def __init__(self, net: nn.Module, settings: PerfSettings, device: torch.device | str) -> None:
         self.net = net
         self.settings = settings
         self.device_type = torch.device(device).type
         self.divide_by_sigma = bool(getattr(net, "divide_by_sigma", False))
+        self.noise_input = getattr(net, "noise_input", "level")
         if settings.compile:
             _raise_recompile_limit()
             if settings.compile_backend == "inductor":

@@ -16,9 +16,9 @@ ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[dict], None]
 #: ``after_step(t, x) -> x``: called after step t of a level (trajectories, inpainting); None in graphs
 AfterStep = Callable[[int, torch.Tensor], torch.Tensor]
-#: ``update(score_fn, x, levels, coeffs, noise, after_step) -> x``: the steps of one level
+#: ``update(score_fn, x, levels, coeffs, noise, after_step, memory) -> x``: the steps of one level; ``memory``
+#: ([plan.memory, *x.shape], or None) holds what a multistep sampler carries from one level to the next
 LevelUpdate = Callable[..., torch.Tensor]
-
 
 
 #: each sampler's settings and their defaults (``conf/sampler/NAME.yaml`` holds the same)
@@ -26,8 +26,19 @@ SAMPLER_DEFAULTS: dict[str, dict[str, Any]] = {
     "ald": {"n_steps_each": 100, "step_lr": 2e-5, "denoise": False},
     "pc": {"n_corrector": 1, "snr": 0.16, "denoise": True},
     "cas": {"n_steps_each": 1, "step_lr": 2e-5, "denoise": True},
+    # the few-step samplers (ncsn.samplers.fewstep): a ρ-spaced σ grid (or the trained levels), then σ = 0;
+    # sigma_max / sigma_min null = the checkpoint's σ_1 / σ_L
+    "euler": {"num_steps": 35, "rho": 7.0, "grid": "karras", "sigma_max": None, "sigma_min": None},
+    "heun": {"num_steps": 18, "rho": 7.0, "grid": "karras", "sigma_max": None, "sigma_min": None},
+    "dpmpp_2m": {"num_steps": 20, "rho": 7.0, "grid": "karras", "sigma_max": None, "sigma_min": None},
+    "euler_ancestral": {"num_steps": 50, "rho": 7.0, "grid": "karras", "sigma_max": None, "sigma_min": None,
+                        "s_noise": 1.0},
+    "edm": {"num_steps": 18, "rho": 7.0, "grid": "karras", "sigma_max": None, "sigma_min": None,
+            "s_churn": 40.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003},
 }
 SAMPLERS = tuple(SAMPLER_DEFAULTS)
+#: the samplers that walk their own σ grid down to σ = 0 (``ncsn.samplers.fewstep``)
+FEWSTEP_SAMPLERS = ("euler", "heun", "dpmpp_2m", "euler_ancestral", "edm")
 
 
 def normal_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -83,7 +94,8 @@ def denoise_step(score_fn: ScoreFn, x: torch.Tensor, sigmas: torch.Tensor) -> to
 
 # ---------------------------------------------------------------------------------------------- level updates
 def ald_level(score_fn: ScoreFn, x: torch.Tensor, levels: torch.Tensor, coeffs: torch.Tensor,
-              noise: torch.Tensor, after_step: AfterStep | None = None) -> torch.Tensor:
+              noise: torch.Tensor, after_step: AfterStep | None = None,
+              memory: torch.Tensor | None = None) -> torch.Tensor:
     """``noise.shape[0]`` Langevin steps x ← x + α s(x, σ) + sqrt(2α) z_t; ``coeffs = [α]``."""
     alpha = coeffs[0]
     sqrt_2alpha = (2.0 * alpha).sqrt()
@@ -95,7 +107,8 @@ def ald_level(score_fn: ScoreFn, x: torch.Tensor, levels: torch.Tensor, coeffs: 
 
 
 def pc_level(score_fn: ScoreFn, x: torch.Tensor, levels: torch.Tensor, coeffs: torch.Tensor,
-             noise: torch.Tensor, after_step: AfterStep | None = None) -> torch.Tensor:
+             noise: torch.Tensor, after_step: AfterStep | None = None,
+             memory: torch.Tensor | None = None) -> torch.Tensor:
     """score_sde's predictor–corrector at one level; ``coeffs = [σ_i² − σ_{i+1}², predictor noise, snr]``.
 
     Corrector (``noise.shape[0] − 1`` steps, score_sde's ``LangevinCorrector`` for the VE SDE): with the
@@ -121,7 +134,8 @@ def pc_level(score_fn: ScoreFn, x: torch.Tensor, levels: torch.Tensor, coeffs: t
 
 
 def cas_level(score_fn: ScoreFn, x: torch.Tensor, levels: torch.Tensor, coeffs: torch.Tensor,
-              noise: torch.Tensor, after_step: AfterStep | None = None) -> torch.Tensor:
+              noise: torch.Tensor, after_step: AfterStep | None = None,
+              memory: torch.Tensor | None = None) -> torch.Tensor:
     """Consistent annealed sampling at one level; ``coeffs = [α_i, b_keep, b_move]``.
 
     Each step x ← x + α_i s(x, σ_i) + b z with α_i = η σ_i²: if x carries noise of std σ_i, the score step
@@ -143,7 +157,13 @@ def cas_level(score_fn: ScoreFn, x: torch.Tensor, levels: torch.Tensor, coeffs: 
 class SamplerPlan:
     """How one sampler walks the σ list: ``update`` runs the ``draws`` steps of level i with coefficients
     ``coeffs[i]`` over ``draws`` pre-drawn noise tensors, for the first ``coeffs.shape[0]`` levels; then the
-    optional denoising step at σ_L. ``nfe``: network evaluations per sample."""
+    optional denoising step at σ_L. ``nfe``: network evaluations per sample.
+
+    The few-step samplers (``ncsn.samplers.fewstep``) walk their own σ grid instead: level i is the step from
+    ``level_sigmas[i]`` to ``level_sigmas[i + 1]`` (the σ the sample carries at the level's start, for
+    callbacks and inpainting; None means the σ list itself), ``final_update`` (when set) replaces ``update``
+    at the last level (Heun's last step to σ = 0 is an Euler step), and ``memory`` tensors shaped like x
+    carry state from one level to the next (DPM-Solver++ 2M's previous denoised estimate)."""
 
     name: str
     update: LevelUpdate
@@ -152,10 +172,25 @@ class SamplerPlan:
     denoise: bool
     nfe: int
     title: str
+    final_update: LevelUpdate | None = None
+    memory: int = 0
+    level_sigmas: torch.Tensor | None = None
 
     @property
     def num_levels(self) -> int:
         return int(self.coeffs.shape[0])
+
+    def update_at(self, level: int) -> LevelUpdate:
+        """The update that runs level ``level``."""
+        if self.final_update is not None and level == self.num_levels - 1:
+            return self.final_update
+        return self.update
+
+    def sigma_at(self, level: int, sigmas: torch.Tensor) -> torch.Tensor:
+        """The noise level the sample carries at the start of ``level`` (0-d, on ``sigmas``' device)."""
+        if self.level_sigmas is None:
+            return sigmas[level]
+        return self.level_sigmas[level].to(device=sigmas.device, dtype=sigmas.dtype)
 
 
 def _int_setting(settings: Mapping[str, Any], key: str, minimum: int) -> int:
@@ -166,13 +201,16 @@ def _int_setting(settings: Mapping[str, Any], key: str, minimum: int) -> int:
 
 
 def sampler_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``settings`` completed with its sampler's defaults (``name`` defaults to ``ald``); unknown names are
-    one clear error."""
+    """``settings`` completed with its sampler's defaults (``name`` defaults to ``ald``), keeping only the keys
+    that sampler reads (and ``init_low``/``init_high``); unknown names are one clear error."""
     settings = dict(settings or {})
     name = settings.get("name") or "ald"
     if name not in SAMPLER_DEFAULTS:
         raise ConfigError(f"unknown sampler '{name}'; choose one of {', '.join(SAMPLERS)} (sampler=NAME)")
-    merged = {**SAMPLER_DEFAULTS[name], **{k: v for k, v in settings.items() if v is not None}}
+    defaults = SAMPLER_DEFAULTS[name]
+    # only the settings this sampler reads (and where samples start): another sampler's keys do not ride along
+    merged = {**defaults, **{k: v for k, v in settings.items()
+                             if v is not None and (k in defaults or k in DEFAULT_INIT)}}
     merged["name"] = name
     return merged
 
@@ -180,7 +218,7 @@ def sampler_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
 #: where samples start: uniform on [init_low, init_high] (pc and cas add σ_1 z to it)
 DEFAULT_INIT = {"init_low": 0.0, "init_high": 1.0}
 #: samplers that start from the first level's noisy data rather than from plain uniform noise
-STARTS_FROM_PRIOR = ("pc", "cas")
+STARTS_FROM_PRIOR = ("pc", "cas", *FEWSTEP_SAMPLERS)
 
 
 def initial_samples(n: int, shape: tuple[int, ...], sigma_max: torch.Tensor | float, settings: Mapping[str, Any],
@@ -191,6 +229,7 @@ def initial_samples(n: int, shape: tuple[int, ...], sigma_max: torch.Tensor | fl
     low, high = settings["init_low"], settings["init_high"]
     x = low + (high - low) * torch.rand((n, *shape), device=device, generator=generator)
     if settings.get("name") in STARTS_FROM_PRIOR:
+        sigma_max = settings.get("sigma_max") or sigma_max  # a few-step grid may start elsewhere
         x = x + sigma_max * torch.randn(x.shape, device=device, generator=generator)
     return x
 
@@ -231,29 +270,40 @@ def cas_plan(sigmas: torch.Tensor, n_steps_each: int = 1, step_lr: float = 2e-5,
     if sigmas.shape[0] < 2:
         raise ConfigError("consistent annealed sampling (sampler=cas) needs at least 2 noise levels")
     eta = float(step_lr) / float(sigmas[-1]) ** 2
-    gamma_max = float((sigmas[:-1] / sigmas[1:]).max())
+    ratios = sigmas[:-1] / sigmas[1:]
+    gamma_max = float(ratios.max())
     least = float(sigmas[-1]) ** 2 * (1.0 - 1.0 / gamma_max)
-    if eta > 1.0 + 1e-6:
-        raise ConfigError(f"sampler.step_lr={step_lr:g} removes more than all the noise in one step with "
-                          f"sampler=cas (step_lr / sigma_L^2 = {eta:.3g} > 1): use step_lr <= "
-                          f"{float(sigmas[-1]) ** 2:.3g}")
+    most = 1.0 + 1.0 / gamma_max  # (η − 1) γ ≤ 1: the noise may overshoot by at most the next level's
+    if eta > most + 1e-6:
+        raise ConfigError(f"sampler.step_lr={step_lr:g} overshoots the noise of a level with sampler=cas "
+                          f"(step_lr / sigma_L^2 = {eta:.3g} > 1 + sigma_(i+1)/sigma_i = {most:.3g}): use "
+                          f"step_lr <= {most * float(sigmas[-1]) ** 2:.3g}")
     if (1.0 - eta) * gamma_max > 1.0 + 1e-9:
         raise ConfigError(f"sampler.step_lr={step_lr:g} is too small for sampler=cas on this sigma list: each "
                           f"step must remove at least the noise between two levels; use step_lr >= {least:.3g}")
-    head, nxt = sigmas[:-1], sigmas[1:]
+    n = int(n_steps_each)
+    # levels 1 … L−1 move the noise to the next level; without the denoising step the paper's last step runs at
+    # σ_L too, moving to σ_{L+1} = 0 (no fresh noise)
+    head = sigmas if not denoise else sigmas[:-1]
+    nxt = torch.cat([sigmas[1:], sigmas.new_zeros(1)])[: head.shape[0]]
     alpha = eta * head**2
     keep = head * math.sqrt(max(0.0, 1.0 - (1.0 - eta) ** 2))
-    move = nxt * (1.0 - ((1.0 - eta) * head / nxt) ** 2).clamp_min(0.0).sqrt()
+    move = (nxt**2 - ((1.0 - eta) * head) ** 2).clamp_min(0.0).sqrt()
     coeffs = torch.stack([alpha, keep, move], dim=1)
-    n = int(n_steps_each)
     settings = {"name": "cas", "n_steps_each": n, "step_lr": step_lr, "denoise": denoise}
     return SamplerPlan("cas", cas_level, coeffs, n, bool(denoise), nfe(settings, sigmas.shape[0]),
                        "consistent annealed sampling")
 
 
-def build_plan(sigmas: torch.Tensor, settings: Mapping[str, Any] | None) -> SamplerPlan:
-    """The plan of the sampler named in ``settings['name']`` (default ``ald``) on ``sigmas``."""
+def build_plan(sigmas: torch.Tensor, settings: Mapping[str, Any] | None,
+               snap: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SamplerPlan:
+    """The plan of the sampler named in ``settings['name']`` (default ``ald``) on ``sigmas``. ``snap`` (the
+    few-step samplers): the σ the network is really evaluated at for a wanted σ (``score_function(...).snap``)."""
     s = sampler_settings(settings)
+    if s["name"] in FEWSTEP_SAMPLERS:
+        from ncsn.samplers.fewstep import fewstep_plan  # fewstep builds on this module's SamplerPlan
+
+        return fewstep_plan(sigmas, s, snap)
     if s["name"] == "pc":
         return pc_plan(sigmas, s["n_corrector"], float(s["snr"]), bool(s["denoise"]))
     if s["name"] == "cas":
@@ -264,11 +314,16 @@ def build_plan(sigmas: torch.Tensor, settings: Mapping[str, Any] | None) -> Samp
 def nfe(settings: Mapping[str, Any] | None, num_levels: int) -> int:
     """Network evaluations per sample of a sampler's settings on ``num_levels`` levels (what ``plan.nfe`` is)."""
     s = sampler_settings(settings)
+    if s["name"] in FEWSTEP_SAMPLERS:
+        from ncsn.samplers.fewstep import fewstep_nfe
+
+        return fewstep_nfe(s, num_levels)
     denoise = int(bool(s["denoise"]))
     if s["name"] == "pc":
         return num_levels * (1 + _int_setting(s, "n_corrector", 0))
     if s["name"] == "cas":
-        return (num_levels - 1) * _int_setting(s, "n_steps_each", 1) + denoise
+        steps = _int_setting(s, "n_steps_each", 1)
+        return (num_levels - 1) * steps + (1 if denoise else steps)
     return num_levels * _int_setting(s, "n_steps_each", 1) + denoise
 
 

@@ -35,26 +35,28 @@ def run_plan(
     callback: Callback | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
-    project: Callable[[int, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    project: Callable[[torch.Tensor, torch.Generator | None], Callable[[torch.Tensor], torch.Tensor]] | None = None,
 ) -> torch.Tensor:
-    """The one loop every sampler shares: for each level draw its noise, run ``plan.update``, then the
-    optional denoising step.
+    """The one loop every sampler shares: for each level draw its noise, run ``plan.update`` (or
+    ``plan.final_update`` at the last level), then the optional denoising step.
 
-    ``project(i, generator)`` (inpainting) returns the map applied at the start of level i and after each of
-    its steps.
+    ``project(σ_i, generator)`` (inpainting) returns the map applied at the start of level i (σ_i: the noise the
+    sample carries there, ``plan.sigma_at``) and after each of its steps.
     """
     sigmas = sigmas.to(device=x.device, dtype=x.dtype)
     coeffs = plan.coeffs.to(device=x.device, dtype=x.dtype)
     noise = torch.empty((plan.draws, *x.shape), dtype=x.dtype, device=x.device)
+    memory = torch.zeros((plan.memory, *x.shape), dtype=x.dtype, device=x.device) if plan.memory else None
     for i in level_iter(plan.num_levels, progress, plan.title):
         levels = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-        fix = project(i, generator) if project is not None else None
+        sigma = plan.sigma_at(i, sigmas)
+        fix = project(sigma, generator) if project is not None else None
         if fix is not None:
             x = fix(x)
         for t in range(plan.draws):
             fill_noise(noise[t], generator)
-        after_step = _after_step(i, sigmas[i], callback, fix)
-        x = plan.update(score_fn, x, levels, coeffs[i], noise, after_step)
+        after_step = _after_step(i, sigma, callback, fix)
+        x = plan.update_at(i)(score_fn, x, levels, coeffs[i], noise, after_step, memory)
     if plan.denoise:
         x = denoise_step(score_fn, x, sigmas)
     return x
@@ -85,10 +87,13 @@ def sample(
     callback: Callback | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    snap: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Run the sampler named in ``settings`` (``ald``, ``pc`` or ``cas``; see :func:`sampler_settings`)."""
+    """Run the sampler named in ``settings`` (any of ``SAMPLERS``; see :func:`sampler_settings`). The few-step
+    samplers ask ``score_fn`` for s(x, σ) at real σ (a float tensor [B]); a level-indexed network's
+    adapter (``ncsn.nets.score_function``) should then be passed as ``snap`` too."""
     sigmas = sigmas.to(device=x.device, dtype=x.dtype)
-    return run_plan(build_plan(sigmas, settings), score_fn, x, sigmas, callback=callback, generator=generator,
+    return run_plan(build_plan(sigmas, settings, snap), score_fn, x, sigmas, callback=callback, generator=generator,
                     progress=progress)
 
 
@@ -164,9 +169,12 @@ def consistent_annealed(
     progress: bool = False,
 ) -> torch.Tensor:
     """Consistent annealed sampling (Jolicoeur-Martineau et al. 2021, Algorithm 2; :func:`cas_level`), with
-    α_i = η σ_i², η = step_lr / σ_L² (ALD's step convention), over levels 1 … L−1 and then the denoising step
-    at σ_L. ``n_steps_each`` > 1 adds steps that keep the level (the paper's algorithm is 1). NFE:
-    (L−1)·T (+1). Needs 1 − σ_{i+1}/σ_i ≤ η ≤ 1 at every level (one clear error otherwise)."""
+    α_i = η σ_i², η = step_lr / σ_L² (ALD's step convention). With ``denoise`` (the default) levels 1 … L−1 and
+    then the denoising step at σ_L, NFE (L−1)·T + 1; without it the paper's last level σ_L too, whose step
+    moves the noise to σ_{L+1} = 0 with no fresh noise, NFE L·T. ``n_steps_each`` > 1 adds steps that keep the
+    level (the paper's algorithm is 1: a choice of ours). Needs 1 − σ_{i+1}/σ_i ≤ η ≤ 1 + σ_{i+1}/σ_i at every
+    level (the official code's range: a step may overshoot the noise by the next level's; one clear error
+    otherwise)."""
     sigmas = sigmas.to(device=x.device, dtype=x.dtype)
     return run_plan(cas_plan(sigmas, n_steps_each, step_lr, denoise), score_fn, x, sigmas, callback=callback,
                     generator=generator, progress=progress)
@@ -205,22 +213,25 @@ def inpaint(
     callback: Callback | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    snap: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Inpainting with any sampler (paper Fig. 6 with ``ald``).
 
     ``mask`` is 1 where pixels are known (broadcastable to ``x_known``). At each level the known pixels are
     re-noised once, x_known + σ_i z, and written into the sample at the level's start and after every step,
-    so only the unknown pixels evolve. The unknown pixels start from ``x_init`` (uniform noise when omitted).
+    so only the unknown pixels evolve (for a few-step sampler σ_i is the grid's σ at the step's start, so
+    before each step the known pixels carry the noise of the σ the step starts from). The unknown pixels start
+    from ``x_init`` (uniform noise when omitted; add σ_1 z for a sampler that starts from the prior).
     The returned sample has the exact known pixels restored.
     """
     mask = mask.to(device=x_known.device, dtype=x_known.dtype)
     sigmas = sigmas.to(device=x_known.device, dtype=x_known.dtype)
-    plan = build_plan(sigmas, settings)
+    plan = build_plan(sigmas, settings, snap)
     if x_init is None:
         x_init = torch.rand(x_known.shape, dtype=x_known.dtype, device=x_known.device, generator=generator)
 
-    def project(i: int, gen: torch.Generator | None) -> Callable[[torch.Tensor], torch.Tensor]:
-        known_noisy = x_known + sigmas[i] * normal_like(x_known, gen)
+    def project(sigma: torch.Tensor, gen: torch.Generator | None) -> Callable[[torch.Tensor], torch.Tensor]:
+        known_noisy = x_known + sigma * normal_like(x_known, gen)
         return lambda x: mask * known_noisy + (1 - mask) * x
 
     x = run_plan(plan, score_fn, x_init, sigmas, callback=callback, generator=generator, progress=progress,

@@ -1,0 +1,99 @@
+"""Telling the network σ (NCSNv2 with a σ embedding) and drawing σ continuously in training: the options the
+few-step samplers' ODE needs (issue 31)."""
+
+import math
+
+import pytest
+import torch
+
+from ncsn.errors import ConfigError
+from ncsn.losses import dsm_loss
+from ncsn.module import ScoreModel
+from ncsn.nets import NCSN, NCSNv2, score_function
+from ncsn.sigmas import geometric_sigmas
+
+SIGMAS = geometric_sigmas(15.77, 0.01, 95)
+
+
+def test_sigma_embedding_is_an_add_on_that_starts_as_the_official_network():
+    torch.manual_seed(0)
+    plain = NCSNv2(1, 28, 8)
+    told = NCSNv2(1, 28, 8, sigma_embedding=True)
+    assert plain.noise_input == "none" and told.noise_input == "sigma"
+    # the official network's parameters are untouched (same names and shapes), the embedding adds 23,016
+    assert sum(p.numel() for p in plain.parameters()) == 117_033
+    assert sum(p.numel() for p in told.parameters()) == 140_049
+    shared = plain.state_dict()
+    assert all(told.state_dict()[k].shape == v.shape for k, v in shared.items())
+    told.load_state_dict({**told.state_dict(), **shared})
+    x = torch.rand(3, 1, 28, 28)
+    assert torch.equal(told(x, torch.tensor([10.0, 1.0, 0.01])), plain(x))  # zero-initialised conditioning
+
+
+def test_a_trained_sigma_embedding_changes_the_output_with_sigma_through_the_score_adapter():
+    torch.manual_seed(0)
+    net = NCSNv2(1, 28, 8, sigma_embedding=True)
+    for module in net.modules():
+        if hasattr(module, "film"):
+            torch.nn.init.normal_(module.film.weight, std=0.1)
+    score = score_function(net, SIGMAS)
+    x = torch.rand(1, 1, 28, 28).expand(2, -1, -1, -1)
+    out = net(x, torch.tensor([5.0, 0.05]))
+    assert not torch.allclose(out[0], out[1])
+    # level indices and the same σ as floats give the same score (the adapter looks the σ up)
+    levels = torch.tensor([0, 94])
+    assert torch.allclose(score(x, levels), score(x, SIGMAS[levels]))
+
+
+def test_continuous_sigma_draws_are_log_uniform_between_sigma_L_and_sigma_1():
+    seen = []
+
+    def score(x, sigma):
+        seen.append(sigma)
+        return torch.zeros_like(x)
+
+    x = torch.zeros(20000, 2)
+    out = dsm_loss(score, x, SIGMAS, continuous=True, generator=torch.Generator().manual_seed(0))
+    sigma = seen[0]
+    assert sigma.dtype.is_floating_point and sigma.shape == (20000,)
+    assert sigma.min() >= SIGMAS[-1] * (1 - 1e-6) and sigma.max() <= SIGMAS[0] * (1 + 1e-6)
+    logs = sigma.log()
+    lo, hi = math.log(float(SIGMAS[-1])), math.log(float(SIGMAS[0]))
+    assert logs.mean().item() == pytest.approx((lo + hi) / 2, abs=0.05)
+    assert logs.std().item() == pytest.approx((hi - lo) / math.sqrt(12), rel=0.02)
+    # a zero score costs D/2 per sample at any σ (λ = σ²), and every sample is filed under one level
+    assert out.loss.item() == pytest.approx(1.0, rel=0.03)
+    assert out.level_count.sum().item() == 20000 and (out.level_count > 0).sum().item() > 90
+
+
+def test_continuous_draws_need_a_network_that_is_not_level_indexed():
+    net = NCSN(in_channels=1, image_size=8, ngf=4, num_scales=95)
+    with pytest.raises(ConfigError, match="log_uniform"):
+        ScoreModel(net, SIGMAS, [1, 8, 8], sigma_draw="log_uniform")
+    with pytest.raises(ConfigError, match="sigma_draw"):
+        ScoreModel(NCSNv2(1, 8, 4), SIGMAS, [1, 8, 8], sigma_draw="cosine")
+
+
+def test_a_sigma_conditioned_model_trains_a_step_and_samples_with_every_few_step_sampler():
+    torch.manual_seed(0)
+    model = ScoreModel(NCSNv2(1, 8, 4, sigma_embedding=True), SIGMAS, [1, 8, 8], sigma_draw="log_uniform",
+                       optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
+    opt = model.configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
+    loss = model.compute_loss(torch.rand(4, 1, 8, 8)).loss
+    loss.backward()
+    opt.step()
+    for name in ("euler", "heun", "dpmpp_2m", "euler_ancestral", "edm"):
+        out = model.sample(3, generator=torch.Generator().manual_seed(0), name=name, num_steps=4)
+        assert out.shape == (3, 1, 8, 8) and torch.isfinite(out).all()
+
+
+def test_switching_sampler_starts_from_that_samplers_defaults():
+    # issue 32 (6): a paper-recipe model (ald, denoise false) asked for pc runs pc's own defaults (denoise true)
+    model = ScoreModel(NCSNv2(1, 8, 4), SIGMAS, [1, 8, 8],
+                       sampler={"name": "ald", "n_steps_each": 100, "step_lr": 2e-5, "denoise": False,
+                                "init_low": 0.1, "init_high": 0.9})
+    pc = model.sampling_settings(name="pc")
+    assert pc["denoise"] is True and "step_lr" not in pc and pc["init_low"] == 0.1
+    assert model.sampling_settings(n_steps_each=3)["denoise"] is False  # same sampler: its settings stay
+    assert model.sampling_settings(name="pc", denoise=False)["denoise"] is False  # explicit overrides apply
