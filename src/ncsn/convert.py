@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from ncsn.checkpoints import trust_flag
 from ncsn.errors import CheckpointError, UserError
 from ncsn.official import (
     DEEPER,
@@ -300,8 +301,6 @@ def parse_args(argv: list[str]) -> tuple[Path, list[str], str | None, int | None
             raise UserError(f"step must be a whole number >= 0 (got {own['step']!r})") from None
         if step < 0:
             raise UserError(f"step must be a whole number >= 0 (got {step})")
-    from ncsn.checkpoints import trust_flag
-
     return Path(sources[0]), overrides, own.get("out") or None, step, trust_flag(own.get("trust_checkpoint", "false"))
 
 
