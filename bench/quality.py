@@ -180,11 +180,11 @@ def scored_checkpoints(run_dir: Path, every: bool) -> list[Path | None]:
 
 
 def checkpoint_step(ckpt: Path) -> int | None:
-    import torch
+    from ncsn.checkpoints import read_torch_file
 
     try:
-        return int(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("global_step", -1))
-    except Exception:  # noqa: BLE001 - sample.py reports an unreadable checkpoint properly
+        return int(read_torch_file(ckpt, mmap=True).get("global_step", -1))
+    except Exception:  # noqa: BLE001 - sample.py reports an unreadable (or unsafe) checkpoint properly
         return None
 
 

@@ -215,7 +215,10 @@ def precheck_command_line(conf_dir, argv: list[str]) -> None:
 
     * an unknown option of a config group (``data=foo``, ``experiment=bar``): one line listing the valid ones;
     * ``hydra.run.dir`` pointing at an earlier run (never overwritten; resume it with ``auto_resume=true`` or
-      ``ckpt_path=`` inside it) or somewhere that cannot be written.
+      ``ckpt_path=`` inside it) or somewhere that cannot be written;
+    * a checkpoint (``ckpt_path=``, or ``auto_resume=true``'s last.ckpt in ``hydra.run.dir``) that holds objects
+      whose loading would run code, unless ``trust_checkpoint=true`` (the loaders refuse it too; here the
+      refusal comes before Hydra creates the run dir).
     """
     from pathlib import Path
 
@@ -250,6 +253,23 @@ def precheck_command_line(conf_dir, argv: list[str]) -> None:
         _check_writable(run_dir, "output dir")
     else:
         _check_writable(values.get("paths.log_dir", "outputs"), "output dir")
+    _refuse_unsafe_checkpoint(values)
+
+
+def _refuse_unsafe_checkpoint(values: dict[str, str]) -> None:
+    """The command line's checkpoint is refused before anything is written when loading it could run code.
+    Only plain paths to existing files are checked here (a quoted or interpolated value is left to the loader)."""
+    from pathlib import Path
+
+    ckpt = values.get("ckpt_path")
+    if not ckpt and values.get("auto_resume", "false").lower() == "true" and values.get("hydra.run.dir"):
+        ckpt = str(Path(values["hydra.run.dir"]) / "checkpoints" / "last.ckpt")
+    if not ckpt or not Path(ckpt).is_file():
+        return
+    from ncsn.checkpoints import refuse_unsafe_checkpoint, trust_flag
+
+    if not trust_flag(values.get("trust_checkpoint", "false")):
+        refuse_unsafe_checkpoint(ckpt)
 
 
 GPU_EXPERIMENT = "mnist"

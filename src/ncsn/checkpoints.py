@@ -1,8 +1,17 @@
-"""Reading checkpoints written by training, with one clear error line for every way a path can be wrong."""
+"""Reading checkpoints written by training, with one clear error line for every way a path can be wrong.
+
+Every checkpoint file a user names (sample.py, train.py's ``ckpt_path=`` / ``auto_resume=true`` and Lightning's
+own resume load, ``python -m ncsn.convert``, the bench scripts) is unpickled by :func:`read_torch_file` alone,
+with ``weights_only=True``: a file that would need any other Python object is refused before anything of it
+runs, unless the user says they trust it (``trust_checkpoint=true``).
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -11,7 +20,99 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from ncsn.errors import CheckpointError
+from ncsn.errors import CheckpointError, ConfigError
+
+log = logging.getLogger("ncsn")
+
+# The non-tensor types our own checkpoints need beyond torch's default weights-only allowlist (tensors, dicts,
+# OrderedDict, lists, tuples, str, numbers, bool, None). None today: every entry train.py and ncsn.convert write
+# is one of those (RngStateCallback stores numpy's state as a tensor and numbers, ncsn_config is a plain
+# container, the datamodule's hyperparameters are numbers and strings), checked on checkpoints of experiment=
+# mnist_paper (EMA on), cpu, quick and toy_gmm and on the release before safe loading
+# (tests/test_safe_loading.py loads them). Add a type here only when a checkpoint of ours holds one: it lets
+# ANY file build that type during loading.
+OUR_SAFE_GLOBALS: list = []
+torch.serialization.add_safe_globals(OUR_SAFE_GLOBALS)
+
+TRUST_SETTING = "trust_checkpoint=true"
+_GLOBAL_IN_MESSAGE = re.compile(r"GLOBAL ([\w.]+)")
+_warned_trusted: set[str] = set()
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint that holds objects whose unpickling could run code (refused unless trusted)."""
+
+
+def trust_flag(value: Any) -> bool:
+    """The ``trust_checkpoint`` setting as a bool (``true``/``false``, any case); anything else is a ConfigError."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ConfigError(f"trust_checkpoint must be true or false (got {value!r})")
+
+
+def _first_unsafe_global(path: Path, exc: Exception) -> str | None:
+    """The first global the weights-only unpickler refused in ``path``: from its message, else the first of torch's
+    static scan of the pickle; None when neither names one."""
+    found = _GLOBAL_IN_MESSAGE.search(str(exc))
+    if found:
+        name = found.group(1)
+        return name if "." in name else f"builtins.{name}"  # torch drops the module of builtins (getattr, eval)
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - not a zip checkpoint: nothing more to learn here
+        return None
+    return names[0] if names else None
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    """The weights-only unpickler's own reason in torch's long message (e.g. ``Unsupported operand 149``)."""
+    text = str(exc).split("WeightsUnpickler error:", 1)[-1]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("Check the doc")]
+    return lines[0] if lines else type(exc).__name__
+
+
+def read_torch_file(path: str | Path, *, trust: bool = False, mmap: bool = False) -> Any:
+    """Unpickle a file written by ``torch.save`` onto the CPU: THE one place a checkpoint is read.
+
+    With ``weights_only=True`` (torch's restricted unpickler: tensors, containers, numbers, strings and
+    :data:`OUR_SAFE_GLOBALS`); a file that needs any other global raises :class:`UnsafeCheckpointError` naming
+    the first one, and nothing of it has run. ``trust=True`` (the user's ``trust_checkpoint=true``) logs a
+    warning once per file and unpickles everything. Other read errors propagate as torch raises them.
+    """
+    p = Path(path)
+    if trust:
+        if str(p.absolute()) not in _warned_trusted:
+            _warned_trusted.add(str(p.absolute()))
+            log.warning("trust_checkpoint=true: loading '%s' with full unpickling, which runs any code the file "
+                        "holds; use it only for files from a source you trust", p)
+        return torch.load(p, map_location="cpu", weights_only=False, mmap=mmap)
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        name = _first_unsafe_global(p, exc)
+        if name is None and not zipfile.is_zipfile(p):  # e.g. a text file read as a legacy torch file
+            raise
+        what = (f"holds objects that would run code when loaded (first: {name})" if name else
+                f"holds pickle data the safe loader refuses ({_unpickler_reason(exc)})")
+        raise UnsafeCheckpointError(
+            f"checkpoint '{p}' {what}, so it was not loaded; if you trust the file and where it came from, "
+            f"add {TRUST_SETTING}"
+        ) from None
+
+
+def refuse_unsafe_checkpoint(path: str | Path) -> None:
+    """Raise :class:`UnsafeCheckpointError` when ``path`` would need more than the weights-only unpickler allows.
+
+    For the entry points' check before anything is written; the tensors are memory-mapped, not read. Any other
+    problem (missing, truncated, not a checkpoint) is left to :func:`load_checkpoint`'s own error line."""
+    try:
+        read_torch_file(path, mmap=True)
+    except UnsafeCheckpointError:
+        raise
+    except Exception:  # noqa: BLE001 - reported by the loader the task runs
+        return
 
 
 def check_checkpoint_path(path: str | Path) -> Path:
@@ -28,11 +129,14 @@ def check_checkpoint_path(path: str | Path) -> Path:
     return p
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a Lightning checkpoint on the CPU; it must carry the run config (``ncsn_config``)."""
+def load_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
+    """Load a Lightning checkpoint on the CPU (:func:`read_torch_file`; ``trust``: the user's
+    ``trust_checkpoint``); it must carry the run config (``ncsn_config``)."""
     p = check_checkpoint_path(path)
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+        ckpt = read_torch_file(p, trust=trust)
+    except UnsafeCheckpointError:
+        raise
     except Exception as exc:
         raise CheckpointError(f"could not read checkpoint '{p}' ({type(exc).__name__}); pick another .ckpt") from exc
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
@@ -59,6 +163,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        """Lightning's resume load (``Trainer.fit(ckpt_path=..., weights_only=...)``) through
+        :func:`read_torch_file`: trusted only when told ``weights_only=False`` (``trust_checkpoint=true``)."""
+        return read_torch_file(path, trust=weights_only is False)
 
 
 

@@ -1,6 +1,6 @@
 """Convert a released checkpoint of the official code into an ncsn checkpoint.
 
-    python -m ncsn.convert SRC experiment=NAME [out=PATH] [step=N] [Hydra overrides ...]
+    python -m ncsn.convert SRC experiment=NAME [out=PATH] [step=N] [trust_checkpoint=true] [Hydra overrides ...]
 
 SRC is a ``checkpoint_N.pth`` (or ``checkpoint.pth``) written by ermongroup/ncsn or ermongroup/ncsnv2; what
 those files hold, and how their names, σ lists and Adam state map onto ours, is in :mod:`ncsn.official`.
@@ -22,7 +22,8 @@ checkpoint like the ones train.py writes, so ``sample.py ckpt_path=OUT`` samples
 
 Every mismatch (not an official checkpoint, a network that does not fit the weights, a missing or extra
 tensor, a σ list that is not the experiment's (for ermongroup/ncsn files, which hold none: not
-configs/anneal.yml's 1 -> 0.01 in 10 levels), an output path that exists) ends with one ``error:`` line
+configs/anneal.yml's 1 -> 0.01 in 10 levels), an output path that exists, a SRC that holds objects whose
+loading would run code (read only with ``trust_checkpoint=true``)) ends with one ``error:`` line
 on stderr and exit code 2, and nothing is written. The output is written to ``OUT.part`` and linked into
 place, so an existing file is never overwritten and a killed run leaves no partial checkpoint.
 """
@@ -38,6 +39,7 @@ from typing import Any
 
 import torch
 
+from ncsn.checkpoints import trust_flag
 from ncsn.errors import CheckpointError, UserError
 from ncsn.official import (
     DEEPER,
@@ -52,8 +54,9 @@ from ncsn.official import (
     remap_optimizer_state,
 )
 
-OWN_KEYS = ("out", "step")
-USAGE = "usage: python -m ncsn.convert SRC experiment=NAME [out=PATH] [step=N] [Hydra overrides ...]"
+OWN_KEYS = ("out", "step", "trust_checkpoint")
+USAGE = ("usage: python -m ncsn.convert SRC experiment=NAME [out=PATH] [step=N] [trust_checkpoint=true] "
+         "[Hydra overrides ...]")
 
 
 # ---------------------------------------------------------------------------------------------- loops
@@ -247,13 +250,14 @@ def default_output(src: Path, experiment: str) -> Path:
 
 
 def convert(src: str | os.PathLike, overrides: list[str], out: str | os.PathLike | None = None,
-            step: int | None = None, *, echo=print) -> Path:
-    """Convert ``src`` for the experiment in ``overrides``; write it to ``out`` and return that path."""
+            step: int | None = None, *, trust: bool = False, echo=print) -> Path:
+    """Convert ``src`` for the experiment in ``overrides``; write it to ``out`` and return that path.
+    ``trust``: ``trust_checkpoint=true``, unpickle ``src`` fully (see :func:`ncsn.checkpoints.read_torch_file`)."""
     src = Path(src)
     experiment = experiment_of(overrides)
     out = Path(out) if out else default_output(src, experiment)
     check_output_path(out)
-    official = read_official(src)
+    official = read_official(src, trust=trust)
     cfg = compose_train_config(overrides, out.absolute().parent)
     found = [f"{len(official.weights)} tensors of {_network_kind(official.weights)}"]
     if official.step is not None:
@@ -270,8 +274,9 @@ def convert(src: str | os.PathLike, overrides: list[str], out: str | os.PathLike
     return out
 
 
-def parse_args(argv: list[str]) -> tuple[Path, list[str], str | None, int | None]:
-    """Split the command line into SRC, Hydra overrides and this tool's own ``out=`` and ``step=``."""
+def parse_args(argv: list[str]) -> tuple[Path, list[str], str | None, int | None, bool]:
+    """Split the command line into SRC, Hydra overrides and this tool's own ``out=``, ``step=`` and
+    ``trust_checkpoint=``."""
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(__doc__)
         raise SystemExit(0)
@@ -296,7 +301,7 @@ def parse_args(argv: list[str]) -> tuple[Path, list[str], str | None, int | None
             raise UserError(f"step must be a whole number >= 0 (got {own['step']!r})") from None
         if step < 0:
             raise UserError(f"step must be a whole number >= 0 (got {step})")
-    return Path(sources[0]), overrides, own.get("out") or None, step
+    return Path(sources[0]), overrides, own.get("out") or None, step, trust_flag(own.get("trust_checkpoint", "false"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -304,8 +309,8 @@ def main(argv: list[str] | None = None) -> None:
 
     argv = sys.argv[1:] if argv is None else argv
     try:
-        src, overrides, out, step = parse_args(argv)
-        convert(src, overrides, out, step)
+        src, overrides, out, step, trust = parse_args(argv)
+        convert(src, overrides, out, step, trust=trust)
     except UserError as exc:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

@@ -68,18 +68,23 @@ def _strip_module_prefix(state: dict[str, torch.Tensor]) -> OrderedDict[str, tor
     return OrderedDict(state)
 
 
-def read_official(path: str | os.PathLike) -> OfficialCheckpoint:
+def read_official(path: str | os.PathLike, *, trust: bool = False) -> OfficialCheckpoint:
     """Read an official checkpoint (either format) on the CPU; raise a CheckpointError when it is not one.
 
-    Loads with ``weights_only=True``: the files come from the internet, and the official runners store only
-    tensors, dicts, lists and numbers (both the zip and the pre-1.6 legacy torch formats are read)."""
+    Loads through :func:`ncsn.checkpoints.read_torch_file` (``weights_only=True`` unless ``trust``, the user's
+    ``trust_checkpoint=true``): the files come from the internet, and the official runners store only tensors,
+    dicts, lists and numbers (both the zip and the pre-1.6 legacy torch formats are read)."""
+    from ncsn.checkpoints import UnsafeCheckpointError, read_torch_file
+
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"'{p}' does not exist; pass the official checkpoint_N.pth to convert")
     if p.is_dir():
         raise CheckpointError(f"'{p}' is a directory; pass the checkpoint file inside it (e.g. checkpoint.pth)")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        obj = read_torch_file(p, trust=trust)
+    except UnsafeCheckpointError:
+        raise
     except Exception as exc:  # anything torch.load cannot read is not a checkpoint for us
         raise _not_official(p, f"torch.load cannot read it: {type(exc).__name__}") from exc
     if isinstance(obj, dict):

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ncsn.app import instantiate
 from ncsn.callbacks import image_grid, scatter_image
-from ncsn.checkpoints import load_checkpoint
+from ncsn.checkpoints import load_checkpoint, trust_flag
 from ncsn.devices import pick_device
 from ncsn.errors import CheckpointError, ConfigError
 from ncsn.module import ScoreModel
@@ -47,10 +47,11 @@ MODES = ("generate", "trajectory", "inpaint", "nn", "fid")
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def load_model(ckpt_path: str | Path, *, use_ema: bool = True, device: str | torch.device = "cpu"
-               ) -> tuple[ScoreModel, DictConfig]:
-    """Rebuild the trained module from a checkpoint alone; returns it (eval mode) and the run config."""
-    ckpt = load_checkpoint(ckpt_path)
+def load_model(ckpt_path: str | Path, *, use_ema: bool = True, device: str | torch.device = "cpu",
+               trust: bool = False) -> tuple[ScoreModel, DictConfig]:
+    """Rebuild the trained module from a checkpoint alone; returns it (eval mode) and the run config.
+    ``trust``: the user's ``trust_checkpoint`` (see :func:`ncsn.checkpoints.read_torch_file`)."""
+    ckpt = load_checkpoint(ckpt_path, trust=trust)
     run_cfg = OmegaConf.create(ckpt["ncsn_config"])
     model = instantiate(run_cfg.model)
     state = ckpt["state_dict"]
@@ -279,7 +280,8 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     device = pick_device(str(cfg.device))
     if cfg.seed is not None:
         torch.manual_seed(int(cfg.seed))
-    model, run_cfg = load_model(cfg.ckpt_path, use_ema=bool(cfg.use_ema), device=device)
+    model, run_cfg = load_model(cfg.ckpt_path, use_ema=bool(cfg.use_ema), device=device,
+                                trust=trust_flag(cfg.get("trust_checkpoint", False)))
     overrides = {k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items() if v is not None}
     settings = model.sampling_settings(**overrides)
     plan = model.sampling_plan(settings)  # bad settings: one clear error before anything is written

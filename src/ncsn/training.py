@@ -23,6 +23,7 @@ from ncsn.checkpoints import (
     check_checkpoint_matches,
     check_checkpoint_path,
     load_checkpoint,
+    trust_flag,
 )
 from ncsn.console import print_closing_lines
 from ncsn.errors import ConfigError, UserError
@@ -224,7 +225,8 @@ def train(cfg: DictConfig) -> float | None:
     log.info("Run directory: %s", run_dir.resolve())
 
     ckpt_path = resume_checkpoint(cfg)
-    resume_from = load_checkpoint(ckpt_path) if ckpt_path else None  # read once for both checks below
+    trust = trust_flag(cfg.get("trust_checkpoint", False))
+    resume_from = load_checkpoint(ckpt_path, trust=trust) if ckpt_path else None  # read once for both checks below
     if resume_from is not None:
         continue_wandb_run(cfg, resume_from)
     objects = build(cfg)
@@ -237,7 +239,8 @@ def train(cfg: DictConfig) -> float | None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     saved_env = {k: os.environ.get(k) for k in DDP_ENV}
     try:
-        trainer.fit(objects["model"], datamodule=objects["datamodule"], ckpt_path=ckpt_path)
+        # Lightning reads the file again through AtomicCheckpointIO, i.e. ncsn.checkpoints.read_torch_file
+        trainer.fit(objects["model"], datamodule=objects["datamodule"], ckpt_path=ckpt_path, weights_only=not trust)
     finally:
         close_loggers(objects["loggers"])
         reset_distributed(saved_env)
