@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
 from ncsn.data.transforms import to_image_range
-from ncsn.ema import averaged_module
+from ncsn.ema import sampling_module
 from ncsn.samplers import build_plan, describe_sampler
 
 log = logging.getLogger("ncsn")
@@ -39,8 +39,9 @@ def scatter_image(points: torch.Tensor, size: int = 256, extent: float = 10.0) -
 
 class SampleGridCallback(L.Callback):
     """Every ``every_n_steps`` training steps and at the end of training, on rank zero: draw ``num_samples``
-    samples with the run's sampler (``sampler=ald|pc|cas``; the EMA weights once EMA has started) from a fixed
-    seed, log its network evaluations per sample as ``samples/nfe``, and from that one pass
+    samples with the run's sampler (``sampler=ald|pc|cas``; the EMA weights once EMA has started, on the training
+    device even with ``callbacks.ema.device=cpu``: ``ncsn.ema.sampling_module``) from a fixed seed, log its
+    network evaluations per sample as ``samples/nfe``, and from that one pass
 
     * save the grid of the first ``grid_size`` as ``<run dir>/samples/step_XXXXXXX.png`` and log it to every
       attached logger as ``samples/grid`` (a ``wandb.Image`` for W&B, an image for TensorBoard);
@@ -126,11 +127,11 @@ class SampleGridCallback(L.Callback):
         return path
 
     def _sample_and_score(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int):
-        module = averaged_module(trainer, pl_module)
-        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        samples = module.sample(self.num_samples, generator=generator, **self.sampler)
-        settings = module.sampling_settings(**self.sampler)
-        nfe = build_plan(module.sigmas, settings).nfe
+        with sampling_module(trainer, pl_module) as module:  # on the training device, wherever the EMA lives
+            generator = torch.Generator(device=module.device).manual_seed(self.seed)
+            samples = module.sample(self.num_samples, generator=generator, **self.sampler)
+            settings = module.sampling_settings(**self.sampler)
+            nfe = build_plan(module.sigmas, settings).nfe
         log.info("step %d: %d samples with %s, %d network evaluations each", step, self.num_samples,
                  describe_sampler(settings), nfe)
         for logger in trainer.loggers:
