@@ -14,10 +14,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
+from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ncsn.app import _in_multirun, instantiate, instantiate_group
+from ncsn.best_checkpoint import BestQualityCheckpoint
 from ncsn.checkpoints import (
     AtomicCheckpointIO,
     check_checkpoint_matches,
@@ -87,6 +88,10 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback with the bar off
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     check_trainer_config(cfg)
+    # Lightning runs the checkpoint callbacks last, in list order: best.ckpt's first, so that the step's other saves
+    # (step_N.ckpt, last.ckpt) hold its record of that step's pass, and a resume from them knows the best so far
+    callbacks.sort(key=lambda cb: 0 if not isinstance(cb, Checkpoint) else 1 if isinstance(cb, BestQualityCheckpoint)
+                   else 2)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      plugins=[AtomicCheckpointIO()])
     if "batch_size" in cfg.data:  # fail before processes are launched, not inside each of them
