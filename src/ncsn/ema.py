@@ -71,7 +71,8 @@ def on_device(module: L.LightningModule, device: torch.device | str) -> Iterator
     the block and moved back to its weights' device afterwards (the Parameter objects are kept, so the EMA goes on
     updating the same tensors)."""
     device = torch.device(device)
-    home = next(module.parameters()).device
+    weights = next(module.parameters(), None)
+    home = module.device if weights is None else weights.device
     if module.device == device and home == device:
         yield module
         return
