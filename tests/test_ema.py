@@ -247,3 +247,43 @@ def test_an_average_on_another_device_than_the_batches_skips_val_ema_with_one_li
     lines = [r.getMessage() for r in caplog.records if "val_ema/loss is not computed" in r.getMessage()]
     assert lines == [("val_ema/loss is not computed: the EMA average lives on meta (callbacks.ema.device), the "
                       "validation batches on cpu")]  # once, though the run validates twice
+
+
+class AverageReportingAnotherDevice(L.Callback):
+    """Before every step, makes the EMA's average report the meta device while its tensors stay on the CPU: a
+    stand-in, on a CPU-only machine, for ``callbacks.ema.device=cpu`` on a GPU run as the sample-grid pass sees it
+    (an average whose ``device``, where ``sample`` draws its first noise, is not the training module's). Records,
+    for every ``sample`` call on the average: (its device, its weights' device, the generator's device)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, str]] = []
+        self.average = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.average = next(cb for cb in trainer.callbacks if isinstance(cb, EMA))._average_model.module
+        sample = self.average.sample
+
+        def recording_sample(n, generator=None, **kwargs):
+            weights = next(self.average.parameters()).device
+            self.calls.append((str(self.average.device), str(weights), str(generator.device)))
+            return sample(n, generator=generator, **kwargs)
+
+        self.average.sample = recording_sample
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.average._device = torch.device("meta")  # what LightningModule.device reports
+
+
+def test_with_the_average_on_another_device_the_sample_grid_samples_on_the_training_device(tmp_path, monkeypatch):
+    """``callbacks.ema.device=cpu`` on a GPU: the generator was made on the training device while the average sampled
+    on its own, and the first pass after the EMA started crashed. Now each pass moves the average to the training
+    device (``ncsn.ema.sampling_module``) and back, and the EMA goes on updating it."""
+    probe = AverageReportingAnotherDevice()
+    train_in_process(monkeypatch, tmp_path, [EMA_ON, "callbacks.sample_grid.every_n_steps=2",
+                                             "callbacks.model_checkpoint=null"], probe)
+    assert probe.calls == [("cpu", "cpu", "cpu")] * 2  # steps 2 and 4 (the end pass is the same step as 4)
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert [h["step"] for h in record["quality"]["history"]] == [2, 4]
+    assert all(np.isfinite(h["quality/kid"]) for h in record["quality"]["history"])
+    assert next(probe.average.parameters()).device.type == "cpu"  # moved back after the pass

@@ -282,7 +282,8 @@ def test_the_optimized_metric_comes_from_the_config_not_from_what_was_logged(tmp
     monkeypatch.setattr("torch.hub.get_dir", lambda: str(tmp_path / "hub"))
     cfg = OmegaConf.create({"optimized_metric": "auto", "paths": {"inception_weights": None},
                             "data": {"_target_": "ncsn.data.ImageDataModule", "name": "cifar10"},
-                            "callbacks": {"sample_grid": {"quality": True}}})
+                            "callbacks": {"sample_grid": {"quality": True,  # as conf/callbacks/default.yaml
+                                                          "inception_weights": "${paths.inception_weights}"}}})
     assert resolve_optimized_metric(cfg) == "quality/kid_pixels"  # no weights: the pixel KID, decided up front
     cfg.paths.inception_weights = str(tmp_path / "weights.pth")
     assert run_quality_key(cfg) == "quality/kid"

@@ -11,15 +11,21 @@ others, so the pass of the same step has been scored when this runs.
 
 from __future__ import annotations
 
+import logging
+
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 __all__ = ["BestQualityCheckpoint"]
 
+log = logging.getLogger("ncsn")
+
 
 class BestQualityCheckpoint(ModelCheckpoint):
-    """``monitor="auto"`` is replaced by the run's primary quality key when the run is built (``ncsn.training``).
-    :attr:`best_step` is the global step of ``best.ckpt`` (None before the first save); ``metrics.json`` records it
-    with the value under ``best_checkpoint``."""
+    """``monitor="auto"`` is replaced by the run's primary quality key when the run is built (``ncsn.training``,
+    from ``ncsn.sweeps.run_quality_key``: what the sample grid's metric logs). :attr:`best_step` is the global step
+    of ``best.ckpt`` (None before the first save); ``metrics.json`` records it with the value under
+    ``best_checkpoint``. A quality pass that logs no value for :attr:`monitor` (a monitor set by hand to another
+    key) saves nothing and says so in one warning line, once per run."""
 
     def __init__(self, dirpath: str | None = None, monitor: str = "auto", filename: str = "best",
                  mode: str = "min") -> None:
@@ -27,11 +33,26 @@ class BestQualityCheckpoint(ModelCheckpoint):
                          save_last=False, auto_insert_metric_name=False, enable_version_counter=False,
                          every_n_train_steps=0, every_n_epochs=0, save_on_train_epoch_end=False)
         self.best_step: int | None = None
+        self._said_unlogged = False
+
+    def _logged_by(self, trainer, passes: list[dict]) -> bool:
+        """Whether this step's quality passes logged the monitored key; if not, one warning line (once)."""
+        if any(self.monitor in values for values in passes):
+            return True
+        if trainer.is_global_zero and not self._said_unlogged:
+            logged = sorted({k for values in passes for k in values if k != "step"})
+            log.warning("best.ckpt is not written: the quality pass at step %d logged %s but not %s, the monitor of "
+                        "callbacks.best_checkpoint; set callbacks.best_checkpoint.monitor=auto (or to one of those "
+                        "keys)", trainer.global_step, ", ".join(logged) or "nothing", self.monitor)
+        self._said_unlogged = True
+        return False
 
     def _after_quality_pass(self, trainer) -> None:
-        passes = [cb for cb in trainer.callbacks if getattr(cb, "quality_history", None)]
-        scored_now = any(cb.quality_history[-1]["step"] == trainer.global_step for cb in passes)
-        if not scored_now or self.monitor not in trainer.callback_metrics or self._should_skip_saving_checkpoint(trainer):
+        passes = [cb.quality_history[-1] for cb in trainer.callbacks if getattr(cb, "quality_history", None)]
+        scored_now = [values for values in passes if values["step"] == trainer.global_step]
+        if not scored_now or not self._logged_by(trainer, scored_now):
+            return
+        if self.monitor not in trainer.callback_metrics or self._should_skip_saving_checkpoint(trainer):
             return
         self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
         if self._last_global_step_saved == trainer.global_step:

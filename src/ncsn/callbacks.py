@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
 from ncsn.data.transforms import to_image_range
-from ncsn.ema import averaged_module
+from ncsn.ema import sampling_module
 from ncsn.samplers import describe_sampler
 
 log = logging.getLogger("ncsn")
@@ -39,8 +39,9 @@ def scatter_image(points: torch.Tensor, size: int = 256, extent: float = 10.0) -
 
 class SampleGridCallback(L.Callback):
     """Every ``every_n_steps`` training steps and at the end of training, on rank zero: draw ``num_samples``
-    samples with the run's sampler (``sampler=ald|pc|cas``; the EMA weights once EMA has started) from a fixed
-    seed, log its network evaluations per sample as ``samples/nfe``, and from that one pass
+    samples with the run's sampler (``sampler=ald|pc|cas``; the EMA weights once EMA has started, on the training
+    device even with ``callbacks.ema.device=cpu``: ``ncsn.ema.sampling_module``) from a fixed seed, log its
+    network evaluations per sample as ``samples/nfe``, and from that one pass
 
     * save the grid of the first ``grid_size`` as ``<run dir>/samples/step_XXXXXXX.png`` and log it to every
       attached logger as ``samples/grid`` (a ``wandb.Image`` for W&B, an image for TensorBoard);
@@ -80,7 +81,9 @@ class SampleGridCallback(L.Callback):
         self.inception_weights = inception_weights or None
         self._metric = None
         self._metric_built = False
-        #: the quality values of every pass so far: [{"step": ..., "quality/...": ...}, ...]
+        self._metric_info: dict | None = None  # {"metric": primary key, "description": ...} once built
+        #: the quality values of every pass so far, those before a resume included (kept in the checkpoint):
+        #: [{"step": ..., "quality/...": ...}, ...]
         self.quality_history: list[dict] = []
         self._last_step = -1
 
@@ -106,9 +109,28 @@ class SampleGridCallback(L.Callback):
             self._metric = quality_metric_for(datamodule, num_samples=self.num_samples, device=pl_module.device,
                                               inception_weights=self.inception_weights)
             if self._metric is not None:
+                self._metric_info = {"metric": self._metric.name, "description": self._metric.description}
                 log.info("sample quality: %s, %d samples every %s steps: %s", self._metric.name, self.num_samples,
                          self.every_n_steps or "(end only)", self._metric.description)
         return self._metric
+
+    def quality_record(self) -> dict | None:
+        """``metrics.json``'s ``quality``: the metric's primary key and description and every pass of the run, also
+        those made before a resume (None when no metric was built in this run or the one it resumes)."""
+        if self._metric_info is None:
+            return None
+        return {**self._metric_info, "history": list(self.quality_history)}
+
+    # The passes so far, the last pass's step (a resumed run does not repeat it) and the metric's name travel in
+    # every checkpoint: plain lists, numbers and strings, which weights-only checkpoint loading accepts.
+    def state_dict(self) -> dict:
+        return {"quality_history": [dict(h) for h in self.quality_history], "last_step": self._last_step,
+                "metric_info": self._metric_info}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.quality_history = [dict(h) for h in state_dict.get("quality_history", [])]
+        self._last_step = int(state_dict.get("last_step", -1))
+        self._metric_info = state_dict.get("metric_info")
 
     def make_grid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
         """One pass (called on every rank at the same step): rank zero samples, saves and logs the grid and scores
@@ -126,11 +148,11 @@ class SampleGridCallback(L.Callback):
         return path
 
     def _sample_and_score(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int):
-        module = averaged_module(trainer, pl_module)
-        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        samples = module.sample(self.num_samples, generator=generator, **self.sampler)
-        settings = module.sampling_settings(**self.sampler)
-        nfe = module.sampling_plan(settings).nfe
+        with sampling_module(trainer, pl_module) as module:  # on the training device, wherever the EMA lives
+            generator = torch.Generator(device=module.device).manual_seed(self.seed)
+            samples = module.sample(self.num_samples, generator=generator, **self.sampler)
+            settings = module.sampling_settings(**self.sampler)
+            nfe = module.sampling_plan(settings).nfe
         log.info("step %d: %d samples with %s, %d network evaluations each", step, self.num_samples,
                  describe_sampler(settings), nfe)
         for logger in trainer.loggers:

@@ -24,8 +24,10 @@ A resume with EMA switched off (``callbacks.ema=null``) continues from ``current
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
@@ -59,6 +61,38 @@ def weight_averaging(trainer: L.Trainer) -> WeightAveraging | None:
     return next((cb for cb in trainer.callbacks if isinstance(cb, WeightAveraging)), None)
 
 
+@contextlib.contextmanager
+def on_device(module: L.LightningModule, device: torch.device | str) -> Iterator[L.LightningModule]:
+    """``module`` on ``device`` inside the ``with`` block, back where it was after it (also on an error).
+
+    ``module.sample`` draws its first noise on ``module.device`` and runs the network where its weights are: both
+    must be ``device`` (the one the caller's generator is made on). A module already there is used as it is; one
+    kept elsewhere (an EMA average with ``callbacks.ema.device=cpu`` on a GPU run) is moved there with ``.to`` for
+    the block and moved back to its weights' device afterwards (the Parameter objects are kept, so the EMA goes on
+    updating the same tensors)."""
+    device = torch.device(device)
+    weights = next(module.parameters(), None)
+    home = module.device if weights is None else weights.device
+    if module.device == device and home == device:
+        yield module
+        return
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+
+
+@contextlib.contextmanager
+def sampling_module(trainer: L.Trainer, pl_module: L.LightningModule) -> Iterator[L.LightningModule]:
+    """:func:`averaged_module` on the device the run trains on (``pl_module.device``) for the ``with`` block: what
+    the sample-grid and FID passes sample with. An average kept on another device (``callbacks.ema.device=cpu``)
+    is moved to the training device for the pass and back after it (:func:`on_device`), so the pass samples as fast
+    as without the option and the average holds no GPU memory between passes."""
+    with on_device(averaged_module(trainer, pl_module), pl_module.device) as module:
+        yield module
+
+
 def averaged_module(trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningModule:
     """The module to sample and score with: the EMA copy once the average has started (``n_averaged > 0``;
     before that the copy is the initial random network), else ``pl_module`` itself (raw weights, or no EMA).
@@ -78,7 +112,8 @@ class EMA(WeightAveraging):
         update_starting_at_step: first optimizer step (0-based) that updates the average (None: from the first).
         device: where the average lives (default: with the module). Elsewhere (``cpu`` on a GPU run, to save GPU
             memory) ``val_ema/loss`` is not computed (one info line says so: the average would need the batches
-            moved to it and a CPU pass over the validation set), and the sample grid samples on that device.
+            moved to it and a CPU pass over the validation set); the sample-grid and FID passes move the average to
+            the training device for the pass and back after it (:func:`sampling_module`).
         use_buffers: average the buffers too.
         validate: also compute the average's validation loss, logged as ``val_ema/loss``.
     """

@@ -196,20 +196,24 @@ class MetricsFileCallback(L.Callback):
 
     @staticmethod
     def _best_checkpoint(trainer) -> dict | None:
+        """The best checkpoint's path, key, step and value. The value is None when Lightning holds no score for it:
+        a run resumed into another output dir (``ckpt_path`` of an earlier run) keeps the earlier ``best.ckpt``'s
+        path but not its score until a quality pass of its own."""
         from ncsn.best_checkpoint import BestQualityCheckpoint
 
         for cb in trainer.callbacks:
             if isinstance(cb, BestQualityCheckpoint) and cb.best_model_path:
+                score = cb.best_model_score
                 return {"path": cb.best_model_path, "metric": cb.monitor, "step": cb.best_step,
-                        "value": float(cb.best_model_score)}
+                        "value": None if score is None else float(score)}
         return None
 
     @staticmethod
     def _quality(trainer) -> dict | None:
         for cb in trainer.callbacks:
-            metric = getattr(cb, "_metric", None) if isinstance(cb, SampleGridCallback) else None
-            if metric is not None:
-                return {"metric": metric.name, "description": metric.description, "history": cb.quality_history}
+            record = cb.quality_record() if isinstance(cb, SampleGridCallback) else None
+            if record is not None:
+                return record
         return None
 
 

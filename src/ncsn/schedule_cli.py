@@ -91,6 +91,14 @@ def _number(own: dict[str, str], key: str, kind: type, default):
 
 def compose_data_config(conf_dir: Path, overrides: list[str]):
     """``cfg.data`` of conf/train.yaml composed with ``overrides`` (experiment off unless one is given)."""
+    name, cfg = compose_with_data(conf_dir, overrides)
+    return name, cfg.data
+
+
+def compose_with_data(conf_dir: Path, overrides: list[str], job_name: str = "sigmas_suggest"):
+    """``(data name, cfg)``: conf/train.yaml composed with ``overrides`` as ``train.py`` composes it: the data
+    group (``data=mnist_bundled`` unless given, or the experiment's), no experiment unless one is given. One line
+    for a bad override."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -99,17 +107,22 @@ def compose_data_config(conf_dir: Path, overrides: list[str]):
     name = chosen[-1] if chosen else "mnist_bundled"
     if name not in names:
         raise UserError(f"unknown data {name!r}; choose one of: {', '.join(names)}")
-    if not chosen:
-        overrides = [f"data={name}", *overrides]
-    if not any(o.split("=", 1)[0].lstrip("+~") == "experiment" for o in overrides):
+    experiment = any(o.split("=", 1)[0].lstrip("+~") == "experiment" for o in overrides)
+    if not experiment:
         overrides = [*overrides, "~experiment"]  # an experiment would override the data choice
+        if not chosen:
+            overrides = [f"data={name}", *overrides]
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3", job_name="sigmas_suggest"):
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3", job_name=job_name):
             cfg = compose(config_name="train", overrides=overrides)
     except Exception as exc:  # a bad override is the user's: one line
         raise UserError(f"cannot compose the config: {str(exc).splitlines()[0]}") from exc
-    return name, cfg.data
+    if experiment and not chosen:  # the experiment's data
+        from ncsn.metrics.registry import data_fields
+
+        name = str(data_fields(cfg.data).get("name"))
+    return name, cfg
 
 
 def suggest_main(argv: list[str]) -> None:

@@ -145,14 +145,16 @@ OPTIMIZED_METRIC_FILE = "optimized_metric.txt"
 
 def run_quality_key(cfg: DictConfig) -> str | None:
     """The primary sample-quality key a training config will log (``ncsn.metrics.registry``), or None when its
-    sample grid or quality pass is off or its data has no metric. Decided from the config alone."""
+    sample grid or quality pass is off or its data has no metric. Decided from the config alone, from what the
+    sample grid itself reads (its data and its own ``inception_weights``, which is ``paths.inception_weights``
+    unless set directly): the ONE source of the key for ``optimized_metric=auto`` and the best checkpoint's
+    ``monitor: auto``."""
     from ncsn.metrics.registry import primary_quality_key
 
     grid = OmegaConf.select(cfg, "callbacks.sample_grid", default=None)
     if not grid or not grid.get("quality", True) or "data" not in cfg:
         return None
-    return primary_quality_key(cfg.data, inception_weights=OmegaConf.select(cfg, "paths.inception_weights",
-                                                                            default=None))
+    return primary_quality_key(cfg.data, inception_weights=grid.get("inception_weights"))
 
 
 def _record_once(path: Path, key: str) -> str:

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
+from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ncsn.app import _in_multirun, instantiate, instantiate_group
+from ncsn.best_checkpoint import BestQualityCheckpoint
 from ncsn.checkpoints import (
     AtomicCheckpointIO,
     check_checkpoint_matches,
@@ -70,6 +72,48 @@ def check_trainer_config(cfg: DictConfig) -> None:
         raise ConfigError("trainer=gpu needs a CUDA GPU and none is visible; use trainer=cpu or trainer=default")
 
 
+def setting_name(node: DictConfig, key: str, own: str) -> str:
+    """The setting a user changes for ``node[key]``: the one it copies (``${paths.inception_weights}`` gives
+    ``paths.inception_weights``), else its own name ``own``."""
+    if OmegaConf.is_interpolation(node, key):
+        match = re.fullmatch(r"\$\{([\w.]+)\}", str(OmegaConf.to_container(node, resolve=False)[key]))
+        if match:
+            return match.group(1)
+    return own
+
+
+def check_run_files(cfg: DictConfig, datamodule: L.LightningDataModule) -> None:
+    """Every file the run will read, checked before the first step, so that a wrong path ends the run at its start
+    with one line that names the setting instead of hours later: the Inception weights of the quality pass (read only
+    for images other than 28-px digits, with the quality pass on) and of any other callback given them, and the
+    data files (loaded here, unless ``data.download`` fetches them; Lightning then finds them loaded). The resume
+    checkpoint (``ckpt_path``) is checked by :func:`resume_checkpoint`."""
+    from ncsn.errors import DataNotFoundError
+    from ncsn.metrics.features import INCEPTION_WEIGHTS_URL
+    from ncsn.metrics.registry import quality_kind
+
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if not isinstance(node, DictConfig) or not node.get("inception_weights"):
+            continue
+        weights = node.inception_weights
+        if str(node.get("_target_", "")).endswith("SampleGridCallback") and not (
+                node.get("quality", True) and quality_kind(cfg.data, inception_weights=weights) == "inception"):
+            continue  # this run's quality pass does not read them
+        if not Path(str(weights)).expanduser().is_file():
+            setting = setting_name(node, "inception_weights", f"callbacks.{name}.inception_weights")
+            raise ConfigError(f"{setting}={weights}: no such file; download {INCEPTION_WEIGHTS_URL} to that path, "
+                              f"or set {setting}=null")
+    if getattr(datamodule, "download", False):
+        return  # prepare_data downloads them (rank zero), and says what is missing if it cannot
+    try:
+        datamodule.setup("fit")
+    except DataNotFoundError as err:
+        if not hasattr(datamodule, "data_dir"):
+            raise
+        setting = setting_name(cfg.data, "data_dir", "data.data_dir")
+        raise DataNotFoundError(f"{err} ({setting}={datamodule.data_dir})") from err
+
+
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Build every object of a training run from its config (nothing is run)."""
     datamodule: L.LightningDataModule = instantiate(cfg.data)
@@ -88,6 +132,10 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback with the bar off
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     check_trainer_config(cfg)
+    # Lightning runs the checkpoint callbacks last, in list order: best.ckpt's first, so that the step's other saves
+    # (step_N.ckpt, last.ckpt) hold its record of that step's pass, and a resume from them knows the best so far
+    callbacks.sort(key=lambda cb: 0 if not isinstance(cb, Checkpoint) else 1 if isinstance(cb, BestQualityCheckpoint)
+                   else 2)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      plugins=[AtomicCheckpointIO()])
     if "batch_size" in cfg.data:  # fail before processes are launched, not inside each of them
@@ -230,6 +278,7 @@ def train(cfg: DictConfig) -> float | None:
     if resume_from is not None:
         continue_wandb_run(cfg, resume_from)
     objects = build(cfg)
+    check_run_files(cfg, objects["datamodule"])
     trainer: L.Trainer = objects["trainer"]
     if resume_from is not None:
         check_checkpoint_matches(objects["model"], resume_from, ckpt_path)

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from ncsn.ema import averaged_module
+from ncsn.ema import sampling_module
 from ncsn.errors import ConfigError
 from ncsn.metrics.features import _custom_feature, _standard_feature
 from ncsn.metrics.fid import _feed, build_fid_metric
@@ -32,8 +32,8 @@ class FIDCallback(L.Callback):
     logs it as ``val/fid`` (on every rank, same value), so ``ModelCheckpoint(monitor="val/fid", mode="min")``
     works. ``self.history`` keeps ``(global_step, fid)``.
 
-    EMA: samples come from the EMA's averaged model once it has started (``ncsn.ema.averaged_module``, as the
-    sample grid and the quality pass), from ``pl_module`` (the raw weights) before that or without EMA. No
+    EMA: samples come from the EMA's averaged model once it has started (``ncsn.ema.sampling_module``, as the
+    sample grid and the quality pass: on the training device even with ``callbacks.ema.device=cpu``), from ``pl_module`` (the raw weights) before that or without EMA. No
     weights are ever swapped: ``pl_module`` holds the raw weights throughout, whatever the callback order.
 
     Notes: ``trainer.callback_metrics`` keeps the last ``val/fid`` across validations where no FID is due, so
@@ -173,12 +173,9 @@ class FIDCallback(L.Callback):
                         f"FIDCallback: the validation set has {self._num_real_seen} images, fewer than "
                         f"num_real={self.num_real}; FID uses those"
                     )
-            _feed(
-                [(metric, {"real": False})],
-                self._fake_batches(averaged_module(trainer, pl_module)),
-                batch_size=self.batch_size,
-                device=device,
-            )
+            with sampling_module(trainer, pl_module) as module:  # on the training device, wherever the EMA lives
+                _feed([(metric, {"real": False})], self._fake_batches(module), batch_size=self.batch_size,
+                      device=device)
             if self._num_real_seen < 2:
                 raise ConfigError("FIDCallback needs at least 2 real images from the validation dataloader")
             return float(metric.compute())

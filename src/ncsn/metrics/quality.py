@@ -116,9 +116,6 @@ def quality_metric_for(
     return image_quality.PixelQuality(reference, floor, num_samples)
 
 
-_DATAMODULE_KEYS = ("name", "data_dir", "image_size", "channels", "center_crop", "verify_checksums", "val_size")
-
-
 def quality_metric_for_data(
     data: str | Mapping | Any,
     *,
@@ -129,7 +126,11 @@ def quality_metric_for_data(
 ) -> SampleQuality | None:
     """``quality_metric_for`` from a data config (a ``data:`` node with ``_target_``, or a mapping with ``name``)
     or a dataset name (``mnist_bundled``, ``toy_gmm``, ``cifar10``, ...; ``data_dir`` for the files). Unknown
-    names give None. Nothing is downloaded."""
+    names give None. Nothing is downloaded.
+
+    A data config builds the datamodule from ALL its fields, as training does (CelebA's ``center_crop``, the
+    ``image_size``, ``random_flip`` for the floor, ...); a name alone gets the datamodule's defaults, which are
+    not the config group's (``python -m ncsn.metrics score`` composes the group, ``ncsn.metrics.score``)."""
     from ncsn.data.datamodules import ImageDataModule, ToyDataModule
 
     cfg = data_fields(data)
@@ -138,7 +139,7 @@ def quality_metric_for_data(
         return None
     if kind == "toy":
         return quality_metric_for(ToyDataModule(), num_samples=num_samples, device=device)
-    kwargs = {k: cfg[k] for k in _DATAMODULE_KEYS if cfg.get(k) is not None}
+    kwargs = {k: v for k, v in cfg.items() if k not in ("_target_", "download")}
     if data_dir is not None:
         kwargs["data_dir"] = str(data_dir)
     return quality_metric_for(ImageDataModule(**kwargs, download=False), num_samples=num_samples, device=device,

@@ -1,12 +1,17 @@
-"""Score a samples file with the dataset's sample-quality metric:
+"""Score a samples file with the dataset's sample-quality metric, built exactly as training builds it:
 
-    python -m ncsn.metrics score FILE.npz [data=NAME] [data_dir=DIR] [inception_weights=FILE] [device=cpu]
+    python -m ncsn.metrics score FILE.npz [data=NAME] [data.KEY=VALUE ...] [paths.data_dir=DIR]
+                                [paths.inception_weights=FILE] [experiment=NAME] [device=cpu]
 
 FILE: ``samples.npz`` as ``sample.py`` writes it (key ``samples``: uint8 [N, H, W, C]), any ``.npz`` holding one
 array, or a ``.npy`` array: uint8 images [N, H, W(, C)] (or [N, C, H, W]; float in [0, 1] also works) or 2-D
 points [N, 2]. ``data`` defaults to ``mnist_bundled`` for 28x28 grey images and ``toy_gmm`` for points; other
-images need it (``cifar10``, ``celeba``, with ``data_dir``). The last printed line is one JSON object: the primary
-key first, then every key of the metric, then ``num_samples`` and ``data``.
+images need it (``cifar10``, ``celeba``). The dataset is the config group ``conf/data/NAME.yaml`` composed with
+Hydra as ``train.py`` composes it, with the same overrides (``data.image_size=64``, ``paths.data_dir=DIR``, or a
+run's ``experiment=NAME``), so CelebA is centre-cropped as in training and the values equal the training pass's
+on the same samples; the Inception weights are the sample grid's (``paths.inception_weights``). ``data_dir=DIR``
+and ``inception_weights=FILE`` are short for the two ``paths.`` settings. The last printed line is one JSON object:
+the primary key first, then every key of the metric, then ``num_samples`` and ``data``.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ import numpy as np
 from ncsn.errors import UserError
 
 EXIT_USER_ERROR = 2
-USAGE = "usage: python -m ncsn.metrics score FILE.npz [data=NAME] [data_dir=DIR] [inception_weights=FILE] [device=D]"
-OPTIONS = ("data", "data_dir", "inception_weights", "device")
+USAGE = ("usage: python -m ncsn.metrics score FILE.npz [data=NAME] [data.KEY=VALUE ...] [paths.data_dir=DIR] "
+         "[paths.inception_weights=FILE] [experiment=NAME] [device=D]")
+#: short forms of config settings
+ALIASES = {"data_dir": "paths.data_dir", "inception_weights": "paths.inception_weights"}
 
 
 def load_samples(path: str | Path) -> np.ndarray:
@@ -52,15 +59,30 @@ def default_data(samples: np.ndarray) -> str:
     raise UserError(f"cannot tell the dataset of samples shaped {samples.shape}: add data=NAME (e.g. data=cifar10)")
 
 
-def score_file(path: str | Path, **options: str) -> dict:
-    """The metric's values for the samples in ``path`` (primary key first), plus ``num_samples`` and ``data``."""
+def compose_run_config(overrides: list[str]):
+    """``(data name, cfg)``: conf/train.yaml composed as ``train.py`` composes it with ``overrides`` (the data group,
+    ``paths.*``, an experiment); see ``ncsn.schedule_cli.compose_with_data``."""
+    from ncsn.schedule_cli import compose_with_data, find_conf_dir
+
+    return compose_with_data(find_conf_dir(), overrides, job_name="score")
+
+
+def score_file(path: str | Path, overrides: list[str] = (), device: str | None = None) -> dict:
+    """The metric's values for the samples in ``path`` (primary key first), plus ``num_samples`` and ``data``.
+    ``overrides``: Hydra overrides of conf/train.yaml (``data=celeba``, ``data.image_size=64``, ...)."""
+    from omegaconf import OmegaConf
+
     from ncsn.metrics.quality import quality_metric_for_data
 
     samples = load_samples(path)
-    data = options.get("data") or default_data(samples)
-    metric = quality_metric_for_data(data, num_samples=max(2, len(samples)), device=options.get("device"),
-                                     data_dir=options.get("data_dir"),
-                                     inception_weights=options.get("inception_weights"))
+    overrides = list(overrides)
+    if not any(o.split("=", 1)[0] in ("data", "experiment") for o in overrides):
+        overrides.insert(0, f"data={default_data(samples)}")
+    data, cfg = compose_run_config(overrides)
+    # the sample grid's setting, as in training (callbacks.sample_grid.inception_weights: paths.inception_weights)
+    weights = OmegaConf.select(cfg, "callbacks.sample_grid.inception_weights", default=None)
+    metric = quality_metric_for_data(cfg.data, num_samples=max(2, len(samples)), device=device,
+                                     inception_weights=weights)
     if metric is None:
         raise UserError(f"data={data} has no sample-quality metric")
     try:
@@ -73,18 +95,28 @@ def score_file(path: str | Path, **options: str) -> dict:
     return {**ordered, "num_samples": len(samples), "data": data}
 
 
+def parse_args(args: list[str]) -> tuple[list[str], str | None]:
+    """``(Hydra overrides, device)`` of the ``key=value`` arguments after FILE."""
+    overrides, device = [], None
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        key = ALIASES.get(key, key)
+        if key == "device" and sep:
+            device = value
+        elif sep and (key in ("data", "experiment") or key.startswith(("data.", "paths."))):
+            overrides.append(f"{key}={value}")
+        else:
+            raise UserError(f"unknown argument {arg!r}; {USAGE}")
+    return overrides, device
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if len(args) < 2 or args[0] != "score":
             raise UserError(USAGE)
-        options = {}
-        for arg in args[2:]:
-            key, sep, value = arg.partition("=")
-            if not sep or key not in OPTIONS:
-                raise UserError(f"unknown argument {arg!r}; {USAGE}")
-            options[key] = value
-        result = score_file(args[1], **options)
+        overrides, device = parse_args(args[2:])
+        result = score_file(args[1], overrides, device=device)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
