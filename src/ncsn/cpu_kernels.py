@@ -290,9 +290,13 @@ def time_in_subprocess(kset: KernelSet, workload: Workload) -> dict[str, float]:
     return {"train": float(record["train"]), "sample": float(record["sample"])}
 
 
-def measure(workload: Workload, sets: Sequence[KernelSet],
-            timer: Callable[[KernelSet, Workload], dict[str, float]] = time_in_subprocess) -> dict[str, dict]:
-    """Seconds per training step and per sampling step of ``workload`` under each kernel set."""
+Timer = Callable[[KernelSet, Workload], dict[str, float]]
+
+
+def measure(workload: Workload, sets: Sequence[KernelSet], timer: Timer | None = None) -> dict[str, dict]:
+    """Seconds per training step and per sampling step of ``workload`` under each kernel set (``timer``:
+    :func:`time_in_subprocess` unless given)."""
+    timer = time_in_subprocess if timer is None else timer
     return {kset.name: timer(kset, workload) for kset in sets}
 
 
@@ -342,8 +346,7 @@ def _usable(entry: dict, sets: Sequence[KernelSet]) -> str | None:
 
 
 def measured_entry(workload: Workload, sets: Sequence[KernelSet], path: Path, say: Say,
-                   timer: Callable[[KernelSet, Workload], dict[str, float]] = time_in_subprocess,
-                   force: bool = False, cpuinfo: str | None = None) -> dict:
+                   timer: Timer | None = None, force: bool = False, cpuinfo: str | None = None) -> dict:
     """The cache entry for ``workload`` on this machine: read from ``path``, or measured (and written there) when
     it has none, or a stale one, or ``force``."""
     entries = read_cache(path, say)
@@ -467,16 +470,12 @@ def _sample_run(argv: Sequence[str], conf_dir: Path, say: Say) -> tuple[bool, An
 
 
 def decide(work: str, argv: Sequence[str], conf_dir: Path, say: Say = say_line,
-           cpuinfo: str | None = None, timer: Callable[[KernelSet, Workload], dict[str, float]] = time_in_subprocess,
-           path: Path | None = None) -> Choice | None:
+           cpuinfo: str | None = None, timer: Timer | None = None, path: Path | None = None) -> Choice | None:
     """The kernel choice for ``train.py`` (``work="train"``) or ``sample.py`` (``"sample"``) run with ``argv``;
     None when nothing is to be chosen (each reason said in at most one line). Raises on failures."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    if "torch" in sys.modules:
-        say("torch was imported before the CPU kernel choice: PyTorch's default kernels")
-        return None
     explicit = [f"{k}={os.environ[k]}" for k in USER_VARIABLES if os.environ.get(k)]
     if explicit:
         say(f"CPU kernels as the environment sets them ({', '.join(explicit)}): nothing timed")
@@ -504,6 +503,10 @@ def decide(work: str, argv: Sequence[str], conf_dir: Path, say: Say = say_line,
     return choose(entry, sets, work, path)
 
 
+def torch_imported() -> bool:
+    return "torch" in sys.modules
+
+
 def apply_for_entry_point(work: str, argv: Sequence[str], conf_dir: str | os.PathLike, say: Say = say_line) -> None:
     """The first call of ``train.py`` / ``sample.py``: choose and apply the CPU kernels before torch is imported.
     Never raises: any failure keeps PyTorch's defaults, with one line."""
@@ -511,6 +514,9 @@ def apply_for_entry_point(work: str, argv: Sequence[str], conf_dir: str | os.Pat
         return  # switched off, or chosen by the process that started this one (a DDP child)
     if any(a.split("=", 1)[0] in NO_RUN_FLAGS for a in argv):
         return  # --help, --cfg job, ...: nothing runs
+    if torch_imported():
+        say("torch was imported before the CPU kernel choice: PyTorch's default kernels")
+        return
     try:
         choice = decide(work, argv, Path(conf_dir), say)
     except Exception as exc:  # noqa: BLE001 - a failed measurement must never stop the run
