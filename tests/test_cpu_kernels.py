@@ -208,9 +208,11 @@ def test_the_choice_reaches_torch_in_a_child_process():
     code = ("import torch\n"
             "with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):\n"
             "    torch.nn.functional.conv2d(torch.rand(2, 16, 32, 32), torch.rand(16, 16, 3, 3))\n"
-            "print('capability', torch.backends.cpu.get_cpu_capability(), flush=True)\n")
+            "from ncsn.cpu_kernels import describe_kernels\n"
+            "print('capability', torch.backends.cpu.get_cpu_capability(), flush=True)\n"
+            "print('table says', describe_kernels(), flush=True)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
-    assert "capability AVX2" in out
+    assert "capability AVX2" in out and "table says AVX2 kernels" in out  # bench/samplers.py's title
     assert "isa:Intel AVX2" in out and "jit:avx2" in out  # oneDNN's convolution
 
 

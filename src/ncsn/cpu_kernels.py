@@ -136,6 +136,20 @@ def cpu_model(cpuinfo: str | None = None) -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def describe_kernels() -> str:
+    """The kernel set this process's torch runs, and what the CPU offers when that is more, e.g. "AVX2 kernels on
+    an AVX-512 CPU" (for benchmark tables; imports torch)."""
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    running = next((k for k in KERNEL_SETS if k.capability == capability), None)
+    label = running.label if running is not None else capability
+    sets = offered_kernel_sets()
+    if sets and running is not sets[0]:
+        return f"{label} kernels on an {sets[0].label} CPU"
+    return f"{label} kernels"
+
+
 def torch_version() -> str:
     """The installed torch's version, read without importing it."""
     try:
