@@ -10,8 +10,8 @@ the machine, not assumed.
   the first one is PyTorch's own pick.
 * :func:`measure`: times training steps (DSM loss, backward, Adam) and network evaluations (a sampling step) of
   the run's network under each set, each set in its own subprocess (``python -m ncsn.cpu_kernels --time``) with
-  the environment set; a warm-up, then about 2.5 s + 1.5 s of timed steps per set (about 15 s in all on 2 cores,
-  the imports included).
+  the environment set; a warm-up, then about 2.5 s + 1.5 s of timed steps per set, of which the fastest step counts
+  (other work on the machine only ever slows a step down); about 20 s in all on 2 cores, the imports included.
 * a JSON cache (``cpu_kernels.json`` in ``$NCSN_CACHE_DIR``, else ``$XDG_CACHE_HOME/ncsn``, else
   ``~/.cache/ncsn``) keeps the seconds per step, keyed by CPU model, torch version, thread setting and network
   shape; an unreadable file or an entry from another cache version or another set of kernels is ignored with one
@@ -36,7 +36,9 @@ read with torch). Keying on what is cheaper to know (CPU and torch only) would a
 every other network, and the AVX2 lead shrinks as the networks grow. Both entry points key on the same fields
 (network arguments, data shape, the run's training batch, channels_last/bf16), so ``sample.py`` reuses the entry
 ``train.py`` measured. The sampling step is timed at the training batch too (``sample.py``'s own batch size varies
-per call). Hydra and torch are imported inside functions only: importing this module imports neither.
+per call). Hydra and torch are imported inside functions only: importing this module imports neither. That is
+also why it sits beside ``ncsn.perf`` and not inside it: importing that package imports torch (``python -m
+ncsn.perf calibrate`` runs :func:`calibrate`, which times in subprocesses all the same).
 """
 
 from __future__ import annotations
@@ -47,7 +49,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -223,8 +224,8 @@ def workload_from_config(cfg: Any) -> tuple[Workload, bool]:
 
 # ---------------------------------------------------------------------------------------------- timing
 def _seconds_per_step(step: Callable[[], Any], budget_s: float, warmup: int = 2) -> float:
-    """The median time of ``step`` after ``warmup`` calls: at least 3 timed calls (1 when one takes longer than
-    the budget), at most ``budget_s`` seconds of them."""
+    """The fastest time of ``step`` after ``warmup`` calls (other processes only ever slow a step down): at least
+    3 timed calls (1 when one takes longer than the budget), at most ``budget_s`` seconds of them."""
     for _ in range(warmup):
         step()
     times: list[float] = []
@@ -235,7 +236,7 @@ def _seconds_per_step(step: Callable[[], Any], budget_s: float, warmup: int = 2)
         times.append(time.perf_counter() - start)
         if times[0] > budget_s:
             break
-    return statistics.median(times)
+    return min(times)
 
 
 def time_here(workload: Workload) -> dict[str, Any]:
@@ -341,8 +342,11 @@ def write_cache(path: Path, entries: Mapping[str, dict]) -> None:
     """Write atomically (a temporary file renamed into place): a run killed meanwhile leaves the old file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
-    tmp.write_text(json.dumps(dict(entries), indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(dict(entries), indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _usable(entry: dict, sets: Sequence[KernelSet]) -> str | None:
@@ -372,7 +376,7 @@ def measured_entry(workload: Workload, sets: Sequence[KernelSet], path: Path, sa
             return entry
         say(f"CPU kernel cache entry for this network is stale ({why}); measuring again")
     labels = " and ".join(k.label for k in sets)
-    say(f"timing PyTorch's {labels} CPU kernels on this network, once per machine (about 15 s; "
+    say(f"timing PyTorch's {labels} CPU kernels on this network, once per machine (about 20 s; "
         f"{SWITCH}=off skips it)")
     entry = {"version": CACHE_VERSION, "measured": datetime.date.today().isoformat(),
              "seconds_per_step": measure(workload, sets, timer)}
