@@ -13,8 +13,11 @@ import hydra
 from omegaconf import DictConfig
 
 from ncsn.app import run_entry_point, user_errors_exit
+from ncsn.cpu_kernels import apply_for_entry_point
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
+if __name__ == "__main__":  # before anything imports torch, which reads its CPU kernel choice once
+    apply_for_entry_point("train", sys.argv[1:], CONF_DIR)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -13,8 +13,12 @@ and run ``--steps`` optimizer steps at the recipe's batch size, after ``--warmup
   validation and sample passes (timed apart by the app itself): its steps/s is ``metrics.json``'s
   ``images_per_second / batch`` (training time only, first step excluded).
 
-Prints both rates and their ratio (the issue-20 target: the app within 10 % of the plain loop), then the
-split of one app step by cProfile when ``--profile`` is given. A benchmark, not a test.
+Both loops run under each of PyTorch's CPU kernel sets this CPU offers (AVX-512 and AVX2 on an AVX-512 CPU;
+``ncsn.cpu_kernels``), each set in its own process (torch reads the choice once, at start), the sets interleaved
+repeat by repeat. Prints per set both rates and their ratio (the issue-20 target: the app within 10 % of the plain
+loop), and the sets' ratios (issue 37); ``--kernels current`` runs both loops once in this process, with the kernels
+its environment gives (``ATEN_CPU_CAPABILITY`` / ``ONEDNN_MAX_CPU_ISA``), then the split of one app step by cProfile
+when ``--profile`` is given. A benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -92,19 +97,8 @@ def app_steps_per_second(overrides: list[str], steps: int, warmup: int, out_dir:
     return record["images_per_second"] / int(cfg.data.batch_size)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    overrides = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2, help="alternate plain/app this many times; best of each")
-    parser.add_argument("--profile", action="store_true", help="cProfile the last app run (top 25 by own time)")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("WANDB_MODE", "offline")
-    os.environ.setdefault("WANDB_SILENT", "true")
+def run_here(args: argparse.Namespace, overrides: list[str]) -> dict:
+    """Both loops ``args.repeats`` times in this process (plain, app alternating); the best of each."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -114,12 +108,69 @@ def main(argv: list[str] | None = None) -> int:
             plain.append(plain_steps_per_second(overrides, args.steps, args.warmup))
             app.append(app_steps_per_second(overrides, args.steps, args.warmup, Path(tmp) / f"app{r}",
                                             args.profile and r == args.repeats - 1))
-    best_plain, best_app = max(plain), max(app)
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "plain": plain, "app": app}
+
+
+def run_kernel_sets(args: argparse.Namespace, overrides: list[str]) -> dict[str, dict]:
+    """Both loops under each kernel set this CPU offers, one process per set and repeat, the sets interleaved."""
+    from ncsn.cpu_kernels import kernel_env, offered_kernel_sets
+
+    sets = offered_kernel_sets()
+    if not sets:
+        return {"current": run_here(args, overrides)}
+    runs: dict[str, dict] = {k.label: {"plain": [], "app": []} for k in sets}
+    cmd = [sys.executable, __file__, "--kernels", "current", "--json", "--repeats", "1", "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--threads", str(args.threads), "--", *overrides]
+    for _ in range(args.repeats):
+        for kset in sets:
+            result = subprocess.run(cmd, env=kernel_env(kset), capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                sys.exit(f"{kset.label} run failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+            record = json.loads(result.stdout.strip().splitlines()[-1])
+            if record["capability"] != kset.capability:
+                sys.exit(f"asked for {kset.label} kernels, torch ran {record['capability']}")
+            runs[kset.label]["plain"] += record["plain"]
+            runs[kset.label]["app"] += record["app"]
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    overrides = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="alternate plain/app this many times; best of each")
+    parser.add_argument("--kernels", choices=("all", "current"), default="all",
+                        help="all: every CPU kernel set this CPU offers, one process each; current: this process's")
+    parser.add_argument("--profile", action="store_true", help="cProfile the last app run (top 25 by own time; "
+                        "with --kernels current)")
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # one JSON line (a child run)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    if args.kernels == "current":
+        record = run_here(args, overrides)
+        if args.json:
+            print(json.dumps(record))
+            return 0
+        runs = {record["capability"]: record}
+    else:
+        runs = run_kernel_sets(args, overrides)
     print(f"\nexperiment=cpu {' '.join(overrides)} | {args.steps} steps, {args.threads} threads, best of "
-          f"{args.repeats}")
-    print(f"plain loop: {best_plain:.2f} steps/s   (runs: {', '.join(f'{v:.2f}' for v in plain)})")
-    print(f"app       : {best_app:.2f} steps/s   (runs: {', '.join(f'{v:.2f}' for v in app)})")
-    print(f"ratio app / plain: {best_app / best_plain:.3f}")
+          f"{args.repeats} per kernel set")
+    best = {name: (max(r["plain"]), max(r["app"])) for name, r in runs.items()}
+    for name, r in runs.items():
+        plain, app = best[name]
+        print(f"{name:8s} plain loop: {plain:6.2f} steps/s (runs: {', '.join(f'{v:.2f}' for v in r['plain'])})   "
+              f"app: {app:6.2f} steps/s (runs: {', '.join(f'{v:.2f}' for v in r['app'])})   "
+              f"app / plain: {app / plain:.3f}")
+    names = list(best)
+    for other in names[1:]:
+        print(f"{other} / {names[0]}: plain loop {best[other][0] / best[names[0]][0]:.3f}x, "
+              f"app {best[other][1] / best[names[0]][1]:.3f}x")
     return 0
 
 

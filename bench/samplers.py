@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
+from ncsn.cpu_kernels import describe_kernels
 from ncsn.errors import UserError
 from ncsn.samplers import describe_sampler
 from ncsn.sampling_app import load_model
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
     else:
-        where = f"cpu ({'AVX-512' if _has_avx512() else 'no AVX-512'}, {torch.get_num_threads()} threads)"
+        where = f"cpu ({describe_kernels()}, {torch.get_num_threads()} threads)"  # ATEN_CPU_CAPABILITY picks
     title = f"{Path(args.ckpt).name} ({model.num_scales} levels), {args.num_samples} samples, {where}"
     rows, paths = [], {}
     for settings, plan in plans:
@@ -193,13 +194,6 @@ def main(argv: list[str] | None = None) -> int:
         paths = write_outputs(rows, out, title)  # after every row: a run cut short keeps the rows it finished
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
-
-
-def _has_avx512() -> bool:
-    try:
-        return "avx512f" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # the train.py / sample.py processes the tests start (seen here: 7-50x slowdowns on a busy 2-core machine).
 torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).parent))  # tests/fakes.py
+# No CPU kernel calibration (ncsn.cpu_kernels: about 20 s) in the train.py / sample.py processes the tests start;
+# tests/test_cpu_kernels.py turns it on where it is the subject.
+os.environ["NCSN_CPU_KERNELS"] = "off"
 
 
 def run_entry(script: str, *overrides: str, timeout: int = 600, env: dict | None = None,

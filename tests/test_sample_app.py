@@ -221,3 +221,4 @@ def test_bench_samplers_tables_nfe_quality_and_a_plot_for_each_setting(ckpt, tmp
     assert all(float(r["seconds"]) > 0 for r in rows)
     assert Image.open(out / "samplers.png").size[0] > 300
     assert "| pc | pc (n_corrector=1" in (out / "samplers.md").read_text()
+    assert "kernels" in (out / "samplers.md").read_text().splitlines()[0]  # which CPU kernel set ran (issue 37)
