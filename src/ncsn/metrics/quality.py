@@ -116,7 +116,8 @@ def quality_metric_for(
     return image_quality.PixelQuality(reference, floor, num_samples)
 
 
-_DATAMODULE_KEYS = ("name", "data_dir", "image_size", "channels", "center_crop", "verify_checksums", "val_size")
+_DATAMODULE_KEYS = ("name", "data_dir", "image_size", "channels", "center_crop", "verify_checksums", "val_size",
+                    "path", "category", "resize", "val_fraction")
 
 
 def quality_metric_for_data(
