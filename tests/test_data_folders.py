@@ -206,15 +206,24 @@ def test_image_folder_mistakes_are_one_line(tmp_path):
     build(path=mixed)  # resized (the default): mixed sizes are fine
 
 
-def test_a_damaged_image_is_named_when_it_is_read(tmp_path):
+def test_a_damaged_image_is_named_when_it_is_read_also_in_a_worker(tmp_path):
+    from ncsn.errors import one_line
+
     for i in range(2):
         Image.fromarray(np.full((64, 64, 3), i * 100, dtype=np.uint8)).save(tmp_path / f"{i}.png")
     (tmp_path / "1.png").write_bytes((tmp_path / "1.png").read_bytes()[:60])  # header intact, pixels cut
-    dm = ImageDataModule("image_folder", path=tmp_path, image_size=16, val_fraction=0.5)
+    dm = ImageDataModule("image_folder", path=tmp_path, image_size=16, val_fraction=0.5, num_workers=1,
+                         batch_size=1)
     dm.setup("fit")  # the header reads fine
     dataset = dm.train_set if dm.train_set.files[0].name == "1.png" else dm.val_set
-    with pytest.raises(DataNotFoundError, match=r"cannot read image .*1.png \(OSError"):
+    expected = f"cannot read image {tmp_path / '1.png'} (OSError: image file is truncated); delete or replace it"
+    with pytest.raises(DataNotFoundError) as info:
         dataset[0]
+    assert str(info.value) == one_line(info.value) == expected
+    loader = dm.train_dataloader() if dataset is dm.train_set else dm.val_dataloader()
+    with pytest.raises(DataNotFoundError) as info:  # re-raised from the worker with its traceback ...
+        next(iter(loader))
+    assert "\n" in str(info.value) and one_line(info.value) == expected  # ... and train.py prints this line
 
 
 # ---------------------------------------------------------------------------------------------- quality, σ helper
