@@ -30,7 +30,6 @@ from ncsn.sampling_app import load_model
 
 NCSN_EXP = ["experiment=mnist_paper", "model.net.ngf=8"]
 V2_EXP = ["experiment=cifar10_ncsnv2", "model.net.ngf=8"]
-DEEP_EXP = ["experiment=cifar10_ncsnv2", "model.net.ngf=4"]  # with model=ncsnv2_deeper / ncsnv2_deepest
 ADAM_STEPS = 3
 V2_EPOCH, V2_STEP = 4, 11
 #: ermongroup/ncsn configs/anneal.yml (commit 80899cd), ``model``: the σ list of every ermongroup/ncsn model
@@ -319,11 +318,11 @@ def test_ermongroup_ncsnv2_file_without_ema_uses_the_raw_weights(ncsnv2_source, 
     assert int(ckpt["averaging_state"]["n_averaged"]) == 0
 
 
-@pytest.mark.parametrize("model", ["ncsnv2_deeper", "ncsnv2_deepest"])
-def test_official_lsun_and_ffhq_networks_convert_exactly(model, tmp_path, capsys):
-    """ermongroup/ncsnv2's NCSNv2Deeper (LSUN) and NCSNv2Deepest (FFHQ) files: raw and EMA weights by name, the
-    Adam moments by name, the same outputs as the network that wrote them."""
-    experiment = [*DEEP_EXP, f"model={model}"]
+@pytest.mark.parametrize(("recipe", "model"), [("church_ncsnv2", "ncsnv2_deeper"), ("ffhq_ncsnv2", "ncsnv2_deepest")])
+def test_official_lsun_and_ffhq_networks_convert_exactly(recipe, model, tmp_path, capsys):
+    """ermongroup/ncsnv2's NCSNv2Deeper (LSUN) and NCSNv2Deepest (FFHQ) files, into their experiments (at ngf 4): raw
+    and EMA weights by name, the Adam moments by name, the same outputs as the network that wrote them."""
+    experiment = [f"experiment={recipe}", "model.net.ngf=4"]
     torch.manual_seed(6)
     source = build_model(*experiment)
     net = source.net
