@@ -79,6 +79,71 @@ def write_celeba(root: Path, partitions: list[int], seed: int = 2) -> Path:
     return folder
 
 
+def write_lsun(root: Path, category: str = "church_outdoor", n_train: int = 5, n_val: int = 3, seed: int = 3
+               ) -> dict[str, dict[bytes, np.ndarray]]:
+    """``root/<category>_{train,val}_lmdb`` as LSUN releases them (and torchvision's ``LSUNClass`` reads them):
+    lmdb databases whose keys are 40-hex-digit ids and whose values are WebP-encoded RGB images (lossless here,
+    so the pixels can be compared), of varied non-square sizes like the real ones (short side 256 there).
+    Returns {split: {key: uint8 [H, W, 3]}}."""
+    import hashlib
+    import io
+
+    import lmdb
+
+    rng = np.random.default_rng(seed)
+    Path(root).mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split, n in (("train", n_train), ("val", n_val)):
+        images = {}
+        env = lmdb.open(str(Path(root) / f"{category}_{split}_lmdb"), map_size=1 << 24)
+        with env.begin(write=True) as txn:
+            for i in range(n):
+                h, w = (24, 36) if i % 2 else (40, 30)
+                pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                buffer = io.BytesIO()
+                Image.fromarray(pixels).save(buffer, format="webp", lossless=True)
+                key = hashlib.sha1(f"{category}{split}{i}".encode()).hexdigest().encode()
+                txn.put(key, buffer.getvalue())
+                images[key] = pixels
+        env.close()
+        out[split] = images
+    return out
+
+
+def write_ffhq(root: Path, n: int = 20, size: int = 48, seed: int = 4) -> list[Path]:
+    """``root/images1024x1024/<thousands>/<index>.png`` as FFHQ releases them (smaller: ``size`` square, 10 images
+    a subfolder instead of 1,000). Returns the files in index order."""
+    rng = np.random.default_rng(seed)
+    files = []
+    for i in range(n):
+        path = Path(root) / "images1024x1024" / f"{i // 10 * 10:05d}" / f"{i:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+        files.append(path)
+    return files
+
+
+def write_image_folder(root: Path, seed: int = 5) -> dict[str, np.ndarray]:
+    """A user's folder: RGB PNGs, grey JPEGs, RGBA WebPs of several sizes in nested subfolders, plus files that are
+    not images or are hidden (skipped). Returns {relative path: the pixels written} of the images."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    specs = [("a/red.png", (30, 40, 3), "png"), ("a/b/grey.jpg", (50, 50), "jpeg"),
+             ("c/alpha.webp", (64, 64, 4), "webp"), ("d.PNG", (20, 20, 3), "png"),
+             ("e.jpeg", (35, 25, 3), "jpeg"), ("f.png", (16, 16), "png")]
+    written = {}
+    for rel, shape, fmt in specs:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+        Image.fromarray(pixels).save(path, format=fmt, **({"lossless": True} if fmt == "webp" else {}))
+        written[rel] = pixels
+    (root / "notes.txt").write_text("not an image\n")
+    (root / ".hidden.png").write_bytes(b"not even a png")
+    (root / ".thumbnails").mkdir()
+    (root / ".thumbnails" / "x.png").write_bytes(b"skipped")
+    return written
+
 
 class WeightsProbe(L.Callback):
     """A callback (``+callbacks.probe={_target_:fakes.WeightsProbe,out_dir:DIR}``, with tests/ on PYTHONPATH)

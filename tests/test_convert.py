@@ -6,7 +6,8 @@ random tensors and Adam moments under those names, keyed by the official order, 
 prefix, the legacy (pre-1.6) torch format with integer Adam steps. Those files hold no σ list; the official one
 (configs/anneal.yml: σ 1 -> 0.01, L = 10) is data here too. ermongroup/ncsnv2 files are built from our NCSNv2
 (its names are ours) with the ``sigmas`` buffer, the epoch and step counters and the EMA helper's shadow dict
-(names without ``module.``). Nothing is downloaded.
+(names without ``module.``); the LSUN and FFHQ files likewise from our NCSNv2Deeper and NCSNv2Deepest, whose
+names tests/test_nets_deeper.py checks against the official ones. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -317,6 +318,35 @@ def test_ermongroup_ncsnv2_file_without_ema_uses_the_raw_weights(ncsnv2_source, 
     assert int(ckpt["averaging_state"]["n_averaged"]) == 0
 
 
+@pytest.mark.parametrize(("recipe", "model"), [("church_ncsnv2", "ncsnv2_deeper"), ("ffhq_ncsnv2", "ncsnv2_deepest")])
+def test_official_lsun_and_ffhq_networks_convert_exactly(recipe, model, tmp_path, capsys):
+    """ermongroup/ncsnv2's NCSNv2Deeper (LSUN) and NCSNv2Deepest (FFHQ) files, into their experiments (at ngf 4): raw
+    and EMA weights by name, the Adam moments by name, the same outputs as the network that wrote them."""
+    experiment = [f"experiment={recipe}", "model.net.ngf=4"]
+    torch.manual_seed(6)
+    source = build_model(*experiment)
+    net = source.net
+    opt = adam_after_steps(net, seed=6)
+    shadow = {n: p.detach() + 0.01 * torch.randn_like(p) for n, p in net.named_parameters()}
+    src = write_ermongroup_ncsnv2(tmp_path / "checkpoint_11.pth", net, opt, source.sigmas, shadow)
+    out = tmp_path / f"{model}.ckpt"
+    code, stdout, err = convert_in_process(capsys, str(src), *experiment, f"out={out}")
+    assert code == 0, err
+    kind = "NCSNv2Deepest" if model == "ncsnv2_deepest" else "NCSNv2Deeper"
+    assert f"tensors of an {kind} (model={model}" in stdout and "EMA weights found" in stdout
+
+    ckpt = load(out)
+    ema, raw = net_state(ckpt["state_dict"]), net_state(ckpt["current_model_state"])
+    assert set(raw) == {n for n, _ in net.named_parameters()}
+    for name, param in net.named_parameters():
+        assert torch.equal(ema[name], shadow[name]) and torch.equal(raw[name], param.detach()), name
+    assert_moments_by_name(ckpt, our_parameter_names(*experiment), our_moments(net, opt), ADAM_STEPS)
+    raw_model, _ = load_model(out, use_ema=False)
+    assert type(raw_model.net).__name__ == kind
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    assert max_abs_diff(raw_model.net, net.eval(), x, torch.tensor([0, 231])) == 0.0
+
+
 # ---------------------------------------------------------------------------------------------- mistakes
 ERROR_CASES = {
     "sigma_mismatch": ("v2", [*V2_EXP, "sigmas.num_scales=200"], "sigma list"),
@@ -328,7 +358,8 @@ ERROR_CASES = {
     "other_network": ("ncsn", V2_EXP, "the file holds a noise-conditional NCSN"),
     "missing_tensor": ("missing", NCSN_EXP, "lacks 1 tensor(s) the network has (first: end_conv.bias)"),
     "extra_tensor": ("extra", NCSN_EXP, "has 1 tensor(s) the network lacks (first: extra.weight)"),
-    "deeper_network": ("deeper", NCSN_EXP, "NCSNv2Deeper / NCSNv2Deepest"),
+    "deeper_network": ("deeper", V2_EXP, ("the file holds an NCSNv2Deeper (model=ncsnv2_deeper, the LSUN network), "
+                                          "the experiment builds an NCSNv2 (model=ncsnv2)")),
     "missing_ema_tensor": ("v2_ema_missing", V2_EXP, "the file's EMA helper lacks 1 tensor"),
     "text_file": ("text", NCSN_EXP, "is not an official ncsn/ncsnv2 checkpoint (torch.load cannot read it"),
     "other_torch_file": ("dict", NCSN_EXP, "is not an official ncsn/ncsnv2 checkpoint (a dict with keys weights"),
@@ -353,8 +384,9 @@ def test_every_mismatch_is_one_line_exit_2_and_nothing_written(case, ncsn_source
         write_ermongroup_ncsn(src, weights, adam, drop="end_conv.bias")
     elif kind == "extra":
         write_ermongroup_ncsn(src, weights, adam, add="extra.weight")
-    elif kind == "deeper":  # the LSUN / FFHQ networks have a fifth encoder stage
-        write_ermongroup_ncsn(src, weights, adam, add="res5.0.conv1.weight")
+    elif kind == "deeper":  # the LSUN network has a fifth encoder stage
+        deeper = build_model(*V2_EXP, "model=ncsnv2_deeper")
+        write_ermongroup_ncsnv2(src, deeper.net, adam_after_steps(deeper.net), deeper.sigmas, shadow=None)
     elif kind == "v2_ema_missing":
         _, v2_net, v2_opt, shadow, sigmas = ncsnv2_source
         write_ermongroup_ncsnv2(src, v2_net, v2_opt, sigmas, {k: v for k, v in list(shadow.items())[1:]})

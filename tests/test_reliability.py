@@ -25,6 +25,8 @@ MISUSE = [
     ("mnist-missing", "train.py data=mnist paths.data_dir={tmp}", "data.download=true", 2),
     ("cifar10-missing", "train.py data=cifar10 paths.data_dir={tmp}", "cifar-10-batches-py", 2),
     ("celeba-missing", "train.py data=celeba paths.data_dir={tmp}", "list_eval_partition.txt", 2),
+    ("lsun-missing", "train.py data=lsun paths.data_dir={tmp}", "church_outdoor_train_lmdb", 2),
+    ("image-folder-without-path", "train.py data=image_folder", "data=image_folder needs data.path=", 2),
     ("sigmas-increasing", "train.py sigmas.sigma_max=0.001", "must be larger than sigmas.sigma_min", 2),
     ("sigma-not-positive", "train.py sigmas.sigma_min=0", "sigmas.sigma_min must be > 0", 2),
     ("one-level", "train.py sigmas.num_scales=1", "sigmas.num_scales must be an integer >= 2", 2),

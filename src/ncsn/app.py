@@ -15,7 +15,7 @@ import hydra
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from ncsn.errors import UserError
+from ncsn.errors import UserError, one_line
 
 log = logging.getLogger("ncsn")
 
@@ -46,7 +46,7 @@ def user_errors_exit(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig]
         except Exception as exc:
             user_error = _user_error_in(exc)
             if user_error is not None:
-                line = str(user_error)
+                line = one_line(user_error)
             else:  # the last non-empty line names the cause (for a crashed ddp_spawn child, the child's error)
                 text_lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
                 line = f"{type(exc).__name__}: {text_lines[-1] if text_lines else ''}"
@@ -60,7 +60,7 @@ def user_errors_exit(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig]
                 return None
             if user_error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            print(f"error: {user_error}", file=sys.stderr, flush=True)
+            print(f"error: {line}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper

@@ -42,7 +42,6 @@ import torch
 from ncsn.checkpoints import trust_flag
 from ncsn.errors import CheckpointError, UserError
 from ncsn.official import (
-    DEEPER,
     SEE,
     OfficialCheckpoint,
     _adam_step_count,
@@ -134,11 +133,9 @@ def build_checkpoint(official: OfficialCheckpoint, cfg, *, experiment: str, step
     notes = list(official.notes)
     model = instantiate(cfg.model)
     net_state = model.net.state_dict()
-    if _network_kind(official.weights) == DEEPER:
-        raise CheckpointError(f"'{official.path}' holds {DEEPER}; ncsn implements NCSN and NCSNv2 only (the "
-                              f"MNIST, CIFAR-10 and CelebA models), so it cannot be converted ({SEE})")
     if set(net_state) != {n for n, _ in model.net.named_parameters()}:  # a network with buffers: not ours
-        raise UserError(f"experiment={experiment}'s network has buffers; only NCSN and NCSNv2 can be converted")
+        raise UserError(f"experiment={experiment}'s network has buffers; only NCSN and the NCSNv2 networks "
+                        "can be converted")
     check_weights(official.weights, net_state, path=official.path, experiment=experiment)
     if official.ema is not None:
         check_weights(official.ema, net_state, path=official.path, experiment=experiment,

@@ -20,3 +20,14 @@ class DataNotFoundError(UserError, FileNotFoundError):
 
 class CheckpointError(UserError):
     """A checkpoint path is missing, not a checkpoint, truncated or from another model."""
+
+
+def one_line(error: BaseException) -> str:
+    """The message a UserError was raised with. One raised in a DataLoader worker reaches the main process
+    re-created with the worker's whole traceback as its message ("Caught DataNotFoundError in DataLoader worker
+    process 0. ... ncsn.errors.DataNotFoundError: <message>"): its last line holds the message."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+        marker = f"{type(error).__name__}: "
+        return lines[-1].split(marker, 1)[1] if marker in lines[-1] else lines[-1]
+    return str(error)

@@ -27,7 +27,6 @@ from ncsn.errors import CheckpointError
 FORMAT_NCSN = "ermongroup/ncsn"
 FORMAT_NCSNV2 = "ermongroup/ncsnv2"
 SEE = "see README.md, 'Using the official checkpoints'"
-DEEPER = "a deeper RefineNet (NCSNv2Deeper / NCSNv2Deepest: the LSUN and FFHQ models)"
 #: ermongroup/ncsn configs/anneal.yml ``model`` section: the σ list of every ermongroup/ncsn model (MNIST, CIFAR-10,
 #: CelebA), geometric from sigma_begin to sigma_end in num_classes levels
 NCSN_ANNEAL = {"sigma_begin": 1.0, "sigma_end": 0.01, "num_classes": 10}
@@ -119,8 +118,10 @@ def read_official(path: str | os.PathLike, *, trust: bool = False) -> OfficialCh
 # ---------------------------------------------------------------------------------------------- checks
 def _network_kind(names) -> str:
     names = list(names)
+    if any(n.startswith("res31.") for n in names):
+        return "an NCSNv2Deepest (model=ncsnv2_deepest, the FFHQ network)"
     if any(n.startswith("res5.") for n in names):
-        return DEEPER
+        return "an NCSNv2Deeper (model=ncsnv2_deeper, the LSUN network)"
     if any(n.endswith(".embed.weight") for n in names):
         return "a noise-conditional NCSN (model=ncsn)"
     if any(n.endswith(".alpha") for n in names):

