@@ -283,7 +283,7 @@ def test_the_sigma_helper_picks_sigma_1_from_a_folder_of_images(tmp_path, capsys
     assert f"sigmas.sigma_max={printed} " in out  # in the overrides to paste after train.py
 
 
-def test_the_score_command_reads_the_new_data_at_the_samples_size(tmp_path, monkeypatch, capsys):
+def test_the_score_command_reads_the_new_data_as_training_composes_it(tmp_path, monkeypatch, capsys):
     import json
 
     from ncsn.metrics.score import main
@@ -293,11 +293,12 @@ def test_the_score_command_reads_the_new_data_at_the_samples_size(tmp_path, monk
     write_lsun(tmp_path / "data" / "lsun")
     samples = tmp_path / "samples.npz"
     np.savez(samples, samples=np.random.default_rng(0).integers(0, 256, (4, 12, 12, 1), dtype=np.uint8))
-    assert main(["score", str(samples), "data=image_folder", f"path={tmp_path / 'mine'}"]) == 0
+    assert main(["score", str(samples), "data=image_folder", f"data.path={tmp_path / 'mine'}", "data.image_size=12",
+                 "data.channels=1"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert next(iter(result)) == "quality/kid_pixels" and result["num_samples"] == 4  # grey 12 x 12 reference
     np.savez(samples, samples=np.random.default_rng(0).integers(0, 256, (4, 20, 20, 3), dtype=np.uint8))
-    args = ["score", str(samples), "data=lsun", f"data_dir={tmp_path / 'data'}"]
-    assert main(args) == 2 and "data.category=" in capsys.readouterr().err
-    assert main([*args, "category=church_outdoor"]) == 0
+    args = ["score", str(samples), "data=lsun", f"data_dir={tmp_path / 'data'}", "data.image_size=20"]
+    assert main([*args, "data.category=bedroom"]) == 2 and "LSUN bedroom not found" in capsys.readouterr().err
+    assert main(args) == 0  # the group's category, church_outdoor
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["data"] == "lsun"
