@@ -97,3 +97,18 @@ def test_switching_sampler_starts_from_that_samplers_defaults():
     assert pc["denoise"] is True and "step_lr" not in pc and pc["init_low"] == 0.1
     assert model.sampling_settings(n_steps_each=3)["denoise"] is False  # same sampler: its settings stay
     assert model.sampling_settings(name="pc", denoise=False)["denoise"] is False  # explicit overrides apply
+
+
+def test_train_py_trains_a_sigma_conditioned_network_and_its_grid_uses_the_few_step_sampler(tmp_path):
+    from conftest import run_entry
+
+    run = tmp_path / "run"
+    result = run_entry("train.py", "experiment=cpu", "debug=smoke", "logger=csv", "model.net.sigma_embedding=true",
+                       "model.sigma_draw=log_uniform", "sampler=heun", "sampler.num_steps=3", f"hydra.run.dir={run}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "heun (num_steps=3" in result.stdout + result.stderr
+    assert "5 network evaluations each" in result.stdout + result.stderr  # 2 · 3 − 1
+    assert sorted(p.name for p in (run / "samples").glob("*.png"))
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["ncsn_config"]["sampler"]["name"] == "heun"
+    assert any(k.endswith("film.weight") for k in ckpt["state_dict"])
