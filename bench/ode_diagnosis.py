@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    lines = [f"# noise the network sees on each path / on noised real data ({Path(args.ckpt).name}, "
-             f"{args.steps} steps, {args.num} samples)", "",
+    lines = [(f"# noise the network sees on each path / on noised real data ({Path(args.ckpt).name}, "
+             f"{args.steps} steps, {args.num} samples)"), "",
              "| σ | data ms(σ·s) | " + " | ".join(f"{n} ratio" for n in names) + " |",
              "|---|---|" + "---|" * len(names)]
     for row in rows:

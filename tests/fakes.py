@@ -265,3 +265,25 @@ class QualityProbe(L.Callback):
         values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("quality/")}
         with open(os.path.join(self.out_dir, f"quality_rank{trainer.global_rank}.json"), "w") as f:
             json.dump(values, f)
+
+
+def parameter_table(path: Path, ngf: int, channels: int, skip: tuple[str, ...] = ()) -> dict[str, tuple[int, ...]]:
+    """An official network's parameters (name -> shape, registration order) from a table read off its class: one
+    line ``name dim dim ...`` each, dims as numbers, ``C`` (channels), ``ngf`` or ``K*ngf``; ``skip``: name
+    prefixes to leave out."""
+    def size(dim: str) -> int:
+        if dim == "C":
+            return channels
+        if dim == "ngf":
+            return ngf
+        if dim.endswith("*ngf"):
+            return int(dim[: -len("*ngf")]) * ngf
+        return int(dim)
+
+    table = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, *dims = line.split()
+            if not (skip and name.startswith(skip)):
+                table[name] = tuple(size(d) for d in dims)
+    return table

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, run_entry
+from fakes import parameter_table
 from hydra import compose, initialize_config_dir
 
 from ncsn.app import instantiate
@@ -37,23 +38,9 @@ OFFICIAL_ANNEAL = {"sigma_begin": 1.0, "sigma_end": 0.01, "num_classes": 10}
 PARAMETER_TABLE = Path(__file__).parent / "data" / "ermongroup_ncsn_parameters.txt"
 
 
-def official_parameters(ngf: int, channels: int = 1) -> OrderedDict[str, tuple[int, ...]]:
+def official_parameters(ngf: int, channels: int = 1) -> dict[str, tuple[int, ...]]:
     """ermongroup/ncsn's CondRefineNetDilated parameters (name -> shape) in the official order, from the table."""
-    def size(dim: str) -> int:
-        if dim == "C":
-            return channels
-        if dim == "ngf":
-            return ngf
-        if dim.endswith("*ngf"):
-            return int(dim[:-len("*ngf")]) * ngf
-        return int(dim)
-
-    table = OrderedDict()
-    for line in PARAMETER_TABLE.read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, *dims = line.split()
-            table[name] = tuple(size(d) for d in dims)
-    return table
+    return parameter_table(PARAMETER_TABLE, ngf, channels)
 
 
 def official_ncsn_contents(ngf: int = 8, channels: int = 1, seed: int = 0) -> tuple[OrderedDict, dict]:

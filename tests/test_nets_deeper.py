@@ -4,36 +4,21 @@ are built on the meta device (names and shapes only)."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
 
 import pytest
 import torch
+from fakes import parameter_table
 
 from ncsn.nets import NCSNv2, NCSNv2Deeper, NCSNv2Deepest, score_function
 
 TABLE = Path(__file__).parent / "data" / "ermongroup_ncsnv2_deepest_parameters.txt"
 
 
-def official_parameters(cls: type, ngf: int, channels: int) -> OrderedDict[str, tuple[int, ...]]:
+def official_parameters(cls: type, ngf: int, channels: int) -> dict[str, tuple[int, ...]]:
     """The official class's parameters (name -> shape, registration order) from the table read off it."""
-    def size(dim: str) -> int:
-        if dim == "C":
-            return channels
-        if dim == "ngf":
-            return ngf
-        if dim.endswith("*ngf"):
-            return int(dim[: -len("*ngf")]) * ngf
-        return int(dim)
-
-    table = OrderedDict()
-    for line in TABLE.read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, *dims = line.split()
-            if cls is NCSNv2Deeper and name.startswith(("res31.", "refine31.")):
-                continue
-            table[name] = tuple(size(d) for d in dims)
-    return table
+    skip = ("res31.", "refine31.") if cls is NCSNv2Deeper else ()
+    return parameter_table(TABLE, ngf, channels, skip)
 
 
 def meta_net(cls: type, ngf: int = 128, channels: int = 3, image_size: int = 256) -> torch.nn.Module:

@@ -221,4 +221,22 @@ def test_bench_samplers_tables_nfe_quality_and_a_plot_for_each_setting(ckpt, tmp
     assert all(float(r["seconds"]) > 0 for r in rows)
     assert Image.open(out / "samplers.png").size[0] > 300
     assert "| pc | pc (n_corrector=1" in (out / "samplers.md").read_text()
+    assert [p.name for p in sorted(out.glob("grid_*.png"))] == ["grid_01_pc.png", "grid_02_pc.png"]  # to look at
     assert "kernels" in (out / "samplers.md").read_text().splitlines()[0]  # which CPU kernel set ran (issue 37)
+
+
+def test_bench_ode_diagnosis_compares_the_noise_seen_on_each_path_with_noised_real_data(ckpt, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ode_diagnosis", ROOT / "bench" / "ode_diagnosis.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "diag"
+    assert bench.main([str(ckpt), "--samplers", "heun,edm", "--steps", "4", "--num", "4", "--out", str(out)]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "σ" not in line]
+    # one row per positive σ the paths pass through (the 10-level NCSN snaps 4 steps to 4 trained levels, minus σ 0)
+    assert len(table) == 3
+    for line in table:
+        cells = [float(c) for c in line.strip("| ").split(" | ")]
+        assert all(np.isfinite(cells)) and cells[1] > 0
+    assert (out / "diagnosis.md").is_file() and (out / "final_heun.png").is_file() and (out / "final_edm.png").is_file()

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from ncsn.checkpoints import trust_flag
-from ncsn.errors import CheckpointError, UserError
+from ncsn.errors import UserError
 from ncsn.official import (
     SEE,
     OfficialCheckpoint,
