@@ -78,6 +78,17 @@ def test_the_cache_is_written_once_and_reused(tmp_path):
     assert len(timer.calls) == 4 and len(json.loads(cache.read_text())) == 2
 
 
+def test_timings_too_far_apart_for_kernel_sets_keep_the_default_and_are_not_cached():
+    # a busy 2-core machine once timed AVX2 47x slower than AVX-512 (idle: within 1.2x): other work, not kernels
+    timer, lines = FakeTimer({"avx512": {"train": 0.13, "sample": 0.4}, "avx2": {"train": 6.1, "sample": 1.3}}), []
+    choice = decide(["experiment=cpu"], lines, timer)
+    assert choice.env == {} and "disturbed" in choice.line
+    assert any("differ 47x" in line and "nothing is cached" in line for line in lines)
+    assert not ck.cache_path().exists() or json.loads(ck.cache_path().read_text()) == {}
+    decide(["experiment=cpu"], lines, timer)
+    assert len(timer.calls) == 4  # measured again on the next run
+
+
 @pytest.mark.parametrize("content, why", [
     ("{not json", "unreadable"),
     ('["a", "list"]', "unreadable"),

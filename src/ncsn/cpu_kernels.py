@@ -66,6 +66,10 @@ CACHE_FILE = "cpu_kernels.json"
 CACHE_VERSION = 1
 #: how much faster another set must be to leave PyTorch's own pick (time ratio)
 MARGIN = 1.05
+#: kernel sets run the same arithmetic with other instructions: timings further apart than this mean other work
+#: disturbed the measurement (seen here: a busy 2-core machine timed AVX2 47x slower than AVX-512, which the same
+#: machine idle measured within 1.2x), and nothing is cached
+PLAUSIBLE = 3.0
 #: seconds of timed steps per set: training steps, then network evaluations
 TRAIN_SECONDS, SAMPLE_SECONDS = 2.5, 1.5
 CHILD_TIMEOUT_S = 120
@@ -380,6 +384,12 @@ def measured_entry(workload: Workload, sets: Sequence[KernelSet], path: Path, sa
         f"{SWITCH}=off skips it)")
     entry = {"version": CACHE_VERSION, "measured": datetime.date.today().isoformat(),
              "seconds_per_step": measure(workload, sets, timer)}
+    spread = max(max(t[w] for t in entry["seconds_per_step"].values()) /
+                 min(t[w] for t in entry["seconds_per_step"].values()) for w in WORK_WORDS)
+    if spread > PLAUSIBLE:
+        say(f"the kernel sets' timings differ {spread:.0f}x, more than kernel sets do: other work on this machine "
+            f"disturbed them, so PyTorch's default stays and nothing is cached (measured again next run)")
+        return {**entry, "disturbed": True}
     entries[key] = entry
     try:
         write_cache(path, entries)
@@ -403,6 +413,8 @@ def choose(entry: dict, sets: Sequence[KernelSet], work: str, path: Path) -> Cho
     set) unless another is at least :data:`MARGIN` times faster."""
     seconds = {name: times[work] for name, times in entry["seconds_per_step"].items()}
     default = sets[0]
+    if entry.get("disturbed"):
+        return Choice(default, {}, f"{default.label} kernels (PyTorch's default): the measurement was disturbed")
     best = min(sets, key=lambda k: seconds[k.name])
     if seconds[default.name] / seconds[best.name] < MARGIN:
         best = default
