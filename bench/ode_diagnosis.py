@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|" + "---|" * len(names)]
     for row in rows:
         cells = [f"{row.get(n, float('nan')):.3f}" for n in names]
-        lines.append(f"| {row['sigma']:.4g} | {row['data']:.3f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row['sigma']:.4g} | {row['data']:.3g} | " + " | ".join(cells) + " |")
     lines += ["", "high-frequency energy of the final samples / real digits: "
               + ", ".join(f"{n} {v:.2f}" for n, v in extra["hf"].items())]
     text = "\n".join(lines)
