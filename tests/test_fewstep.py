@@ -91,6 +91,8 @@ def test_edm_keeps_the_paper_toy_mixture_weights():
     ({"name": "edm", "num_steps": 5}, 9),
     ({"name": "heun", "grid": "levels"}, 2 * 20 - 1),
     ({"name": "euler", "num_steps": 1}, 1),
+    ({"name": "heun", "num_steps": 18, "corrector_steps": 3}, 38),
+    ({"name": "dpmpp_2m", "num_steps": 20, "corrector_steps": 2}, 22),
 ])
 def test_exact_network_evaluations(settings, expected):
     calls = []
@@ -191,3 +193,16 @@ def test_karras_grid_is_rho_spaced_from_sigma_max_to_sigma_min_then_zero():
     assert grid.shape == (19,) and grid[0] == 80.0 and grid[17] == pytest.approx(0.002) and grid[-1] == 0
     roots = grid[:-1] ** (1 / 7)
     assert torch.allclose(roots[1:] - roots[:-1], (roots[1] - roots[0]).expand(17), rtol=1e-9)
+
+
+def test_a_final_langevin_corrector_keeps_the_data_distribution_and_the_same_seed_same_samples():
+    x0 = prior_samples(20000)
+    settings = {"name": "heun", "num_steps": 50, "corrector_steps": 4, "corrector_snr": 0.16}
+    out = sample(gaussian_score, x0, SIGMAS.double(), settings, generator=torch.Generator().manual_seed(0))
+    assert out.mean().item() == pytest.approx(MU, abs=0.01)
+    assert out.std().item() == pytest.approx(S, rel=0.02)
+    again = sample(gaussian_score, x0, SIGMAS.double(), settings, generator=torch.Generator().manual_seed(0))
+    plain = sample(gaussian_score, x0, SIGMAS.double(), {"name": "heun", "num_steps": 50})
+    assert torch.equal(out, again) and not torch.equal(out, plain)
+    with pytest.raises(ConfigError, match="corrector_steps"):
+        build_plan(SIGMAS, {"name": "heun", "corrector_steps": -1})

@@ -142,6 +142,7 @@ SAMPLER_SETTINGS = [
     {"name": "cas", "n_steps_each": 2, "step_lr": 0.5, "denoise": True},
     {"name": "euler", "num_steps": 6},
     {"name": "heun", "num_steps": 6},
+    {"name": "heun", "num_steps": 6, "corrector_steps": 2},
     {"name": "dpmpp_2m", "num_steps": 6},
     {"name": "euler_ancestral", "num_steps": 6},
     {"name": "edm", "num_steps": 6, "s_churn": 10.0, "s_tmin": 0.0, "s_tmax": 100.0},

@@ -19,6 +19,9 @@ the grid is snapped to the trained levels first (``snap``), so every step uses t
 * ``edm`` — EDM Algorithm 2: raise σ_i to σ̂ = σ_i (1 + γ) by adding noise (γ = min(S_churn/N, √2 − 1) for
   S_tmin ≤ σ_i ≤ S_tmax, the noise scaled by S_noise), then a Heun step from σ̂ to σ_{i+1}. NFE = 2N − 1.
 
+The deterministic three take ``corrector_steps`` (default 0): Langevin corrector steps at σ_min before the last
+step (:class:`CorrectedLastStep`, step size from ``corrector_snr``), NFE + corrector_steps.
+
 Each is one per-step update over a coefficient table (``SamplerPlan``), run by the shared loop
 ``ncsn.samplers.run_plan`` and captured by the CUDA-graph runner like the level samplers.
 """
@@ -27,12 +30,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ncsn.errors import ConfigError
-from ncsn.samplers.plans import AfterStep, SamplerPlan, ScoreFn
+from ncsn.samplers.plans import AfterStep, SamplerPlan, ScoreFn, langevin_corrector
 from ncsn.sigmas import karras_grid
 
 #: the ones whose step evaluates the network twice (Heun's correction), but the last
@@ -110,6 +114,23 @@ def edm_last_step(score_fn: ScoreFn, x: torch.Tensor, levels: torch.Tensor, coef
     return euler_step(score_fn, x, levels, coeffs, noise, after_step, memory)
 
 
+@dataclass(frozen=True)
+class CorrectedLastStep:
+    """An ODE sampler's last step (from σ_min to 0) preceded by ``steps`` Langevin corrector steps at σ_min
+    (:func:`ncsn.samplers.plans.langevin_corrector`, step size from the signal-to-noise ratio in the last
+    coefficient): a stochastic clean-up of the noise the deterministic path left. A value, so the CUDA-graph
+    cache finds the same update again."""
+
+    last: Callable
+    steps: int
+
+    def __call__(self, score_fn: ScoreFn, x: torch.Tensor, levels: torch.Tensor, coeffs: torch.Tensor,
+                 noise: torch.Tensor, after_step: AfterStep | None = None,
+                 memory: torch.Tensor | None = None) -> torch.Tensor:
+        x = langevin_corrector(score_fn, x, _sigma(coeffs, x), coeffs[-1], noise[: self.steps])
+        return self.last(score_fn, x, levels, coeffs, noise[self.steps :], after_step, memory)
+
+
 # ---------------------------------------------------------------------------------------------- the σ grid
 def sigma_grid(sigmas: torch.Tensor, settings: Mapping[str, Any], snap: Snap | None = None) -> torch.Tensor:
     """The grid σ_0 > … > σ_{N−1} > 0 = σ_N a few-step sampler walks (float64, on the CPU).
@@ -185,6 +206,14 @@ def fewstep_plan(sigmas: torch.Tensor, settings: Mapping[str, Any], snap: Snap |
     else:  # pragma: no cover - build_plan only sends the names above
         raise ConfigError(f"unknown few-step sampler '{name}'")
     evaluations = 2 * n - 1 if name in SECOND_ORDER else n
+    corrector = int(settings.get("corrector_steps") or 0)
+    if corrector:
+        if isinstance(settings["corrector_steps"], bool) or corrector != settings["corrector_steps"] or corrector < 0:
+            raise ConfigError(f"sampler.corrector_steps must be an integer >= 0 (got {settings['corrector_steps']})")
+        snr = _check_float(settings, "corrector_snr", strict=True)
+        coeffs = torch.cat([coeffs, torch.full_like(head[:, None], snr)], dim=1)
+        final_update = CorrectedLastStep(final_update or update, corrector)
+        draws, evaluations = draws + corrector, evaluations + corrector
     return SamplerPlan(name, update, coeffs.float(), draws, False, evaluations, title,
                        final_update=final_update, memory=memory, level_sigmas=grid.float())
 
@@ -193,5 +222,5 @@ def fewstep_nfe(settings: Mapping[str, Any], num_levels: int) -> int:
     """Network evaluations per sample of a few-step sampler on a σ-free network (a level-indexed one may need
     fewer: grid values that snap onto the same level are merged; ``plan.nfe`` is exact)."""
     steps = num_levels if (settings.get("grid") or "karras") == "levels" else int(settings["num_steps"])
-    return 2 * steps - 1 if settings["name"] in SECOND_ORDER else steps
+    return (2 * steps - 1 if settings["name"] in SECOND_ORDER else steps) + int(settings.get("corrector_steps") or 0)
 

@@ -28,9 +28,12 @@ SAMPLER_DEFAULTS: dict[str, dict[str, Any]] = {
     "cas": {"n_steps_each": 1, "step_lr": 2e-5, "denoise": True},
     # the few-step samplers (ncsn.samplers.fewstep): a ρ-spaced σ grid (or the trained levels), then σ = 0;
     # sigma_max / sigma_min null = the checkpoint's σ_1 / σ_L
-    "euler": {"num_steps": 35, "rho": 7.0, "grid": "karras", "sigma_max": None, "sigma_min": None},
-    "heun": {"num_steps": 18, "rho": 7.0, "grid": "karras", "sigma_max": None, "sigma_min": None},
-    "dpmpp_2m": {"num_steps": 20, "rho": 7.0, "grid": "karras", "sigma_max": None, "sigma_min": None},
+    "euler": {"num_steps": 35, "rho": 7.0, "grid": "karras", "sigma_max": None, "sigma_min": None,
+              "corrector_steps": 0, "corrector_snr": 0.16},
+    "heun": {"num_steps": 18, "rho": 7.0, "grid": "karras", "sigma_max": None, "sigma_min": None,
+             "corrector_steps": 0, "corrector_snr": 0.16},
+    "dpmpp_2m": {"num_steps": 20, "rho": 7.0, "grid": "karras", "sigma_max": None, "sigma_min": None,
+                 "corrector_steps": 0, "corrector_snr": 0.16},
     "euler_ancestral": {"num_steps": 50, "rho": 7.0, "grid": "karras", "sigma_max": None, "sigma_min": None,
                         "s_noise": 1.0},
     "edm": {"num_steps": 18, "rho": 7.0, "grid": "karras", "sigma_max": None, "sigma_min": None,
@@ -106,27 +109,36 @@ def ald_level(score_fn: ScoreFn, x: torch.Tensor, levels: torch.Tensor, coeffs: 
     return x
 
 
-def pc_level(score_fn: ScoreFn, x: torch.Tensor, levels: torch.Tensor, coeffs: torch.Tensor,
-             noise: torch.Tensor, after_step: AfterStep | None = None,
-             memory: torch.Tensor | None = None) -> torch.Tensor:
-    """score_sde's predictor–corrector at one level; ``coeffs = [σ_i² − σ_{i+1}², predictor noise, snr]``.
-
-    Corrector (``noise.shape[0] − 1`` steps, score_sde's ``LangevinCorrector`` for the VE SDE): with the
+def langevin_corrector(score_fn: ScoreFn, x: torch.Tensor, noise_level: torch.Tensor, snr: torch.Tensor,
+                       noise: torch.Tensor, after_step: AfterStep | None = None) -> torch.Tensor:
+    """``noise.shape[0]`` Langevin corrector steps at one noise level (score_sde's ``LangevinCorrector``): with the
     batch-mean norms of the score g and of the noise z, ε = 2 (snr ‖z‖ / ‖g‖)² and x ← x + ε g + sqrt(2ε) z.
-    Predictor (score_sde's ``ReverseDiffusionPredictor``, VE): x ← x + (σ_i² − σ_{i+1}²) s(x, σ_i)
-    + sqrt(σ_i² − σ_{i+1}²) z, taking the noise level from σ_i to σ_{i+1} (0 after the last level, where the
-    noise is dropped when denoising, which makes the last predictor step the denoising step itself).
-    """
-    g2, g, snr = coeffs[0], coeffs[1], coeffs[2]
-    n_corrector = noise.shape[0] - 1
-    for t in range(n_corrector):
-        grad = score_fn(x, levels)
+    ``noise_level``: what ``score_fn`` takes (level indices or σ values)."""
+    for t in range(noise.shape[0]):
+        grad = score_fn(x, noise_level)
         grad_norm = grad.flatten(1).norm(dim=1).mean()
         noise_norm = noise[t].flatten(1).norm(dim=1).mean()
         eps = 2.0 * (snr * noise_norm / grad_norm.clamp_min(1e-12)) ** 2
         x = x + eps * grad + (2.0 * eps).sqrt() * noise[t]
         if after_step is not None:
             x = after_step(t, x)
+    return x
+
+
+def pc_level(score_fn: ScoreFn, x: torch.Tensor, levels: torch.Tensor, coeffs: torch.Tensor,
+             noise: torch.Tensor, after_step: AfterStep | None = None,
+             memory: torch.Tensor | None = None) -> torch.Tensor:
+    """score_sde's predictor–corrector at one level; ``coeffs = [σ_i² − σ_{i+1}², predictor noise, snr]``.
+
+    Corrector (``noise.shape[0] − 1`` steps of :func:`langevin_corrector`, score_sde's ``LangevinCorrector`` for
+    the VE SDE).
+    Predictor (score_sde's ``ReverseDiffusionPredictor``, VE): x ← x + (σ_i² − σ_{i+1}²) s(x, σ_i)
+    + sqrt(σ_i² − σ_{i+1}²) z, taking the noise level from σ_i to σ_{i+1} (0 after the last level, where the
+    noise is dropped when denoising, which makes the last predictor step the denoising step itself).
+    """
+    g2, g, snr = coeffs[0], coeffs[1], coeffs[2]
+    n_corrector = noise.shape[0] - 1
+    x = langevin_corrector(score_fn, x, levels, snr, noise[:n_corrector], after_step)
     x = x + g2 * score_fn(x, levels) + g * noise[n_corrector]
     if after_step is not None:
         x = after_step(n_corrector, x)
