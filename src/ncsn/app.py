@@ -176,11 +176,12 @@ def wandb_logger(**kwargs: Any):
     included, although no one set it."""
     from lightning.pytorch.loggers import WandbLogger
 
+    from ncsn.lightning_private import drop_unset_wandb_init_setting
+
     logger = WandbLogger(**kwargs)
-    # Private, and no public way exists: WandbLogger always puts the key in the kwargs it keeps for wandb.init, and
-    # wandb reports it with termwarn, which no warnings filter reaches. Pinned by tests/test_train_app.py.
-    if logger._wandb_init.get("anonymous") is None:
-        logger._wandb_init.pop("anonymous", None)
+    # No public way exists: WandbLogger always puts the key in the kwargs it keeps for wandb.init, and wandb reports
+    # it with termwarn, which no warnings filter reaches. Pinned by tests/test_train_app.py.
+    drop_unset_wandb_init_setting(logger, "anonymous")
     return logger
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from ncsn.lightning_private import monitor_candidates, save_top_k, should_skip_saving
+
 __all__ = ["BestQualityCheckpoint"]
 
 
@@ -31,10 +33,11 @@ class BestQualityCheckpoint(ModelCheckpoint):
     def _after_quality_pass(self, trainer) -> None:
         passes = [cb for cb in trainer.callbacks if getattr(cb, "quality_history", None)]
         scored_now = any(cb.quality_history[-1]["step"] == trainer.global_step for cb in passes)
-        if not scored_now or self.monitor not in trainer.callback_metrics or self._should_skip_saving_checkpoint(trainer):
+        if not scored_now or self.monitor not in trainer.callback_metrics or should_skip_saving(self, trainer):
             return
-        self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
-        if self._last_global_step_saved == trainer.global_step:
+        before = self.best_model_score
+        save_top_k(self, trainer, monitor_candidates(self, trainer))
+        if self.best_model_score is not before:  # saved: an improvement stores the new value (a new tensor)
             self.best_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

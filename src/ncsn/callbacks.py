@@ -15,6 +15,7 @@ from torchvision.utils import make_grid, save_image
 
 from ncsn.data.transforms import to_image_range
 from ncsn.ema import averaged_module
+from ncsn.lightning_private import publish_callback_metrics
 from ncsn.samplers import build_plan, describe_sampler
 
 log = logging.getLogger("ncsn")
@@ -122,7 +123,7 @@ class SampleGridCallback(L.Callback):
             values = trainer.strategy.broadcast(values, src=0)
         if values:
             self.quality_history.append({"step": step, **values})
-            trainer.callback_metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()})
+            publish_callback_metrics(trainer, values)
         return path
 
     def _sample_and_score(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int):
