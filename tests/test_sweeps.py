@@ -290,8 +290,8 @@ def test_the_optimized_metric_comes_from_the_config_not_from_what_was_logged(tmp
     assert resolve_optimized_metric(cfg) == "quality/kid"
     cfg.callbacks.sample_grid.quality = False
     assert resolve_optimized_metric(cfg) == "val/loss"
-    cfg.optimized_metric = "val/loss_sigma_bin/1-2"
-    assert resolve_optimized_metric(cfg) == "val/loss_sigma_bin/1-2"
+    cfg.optimized_metric = "val/loss_sigma_bin/0001.000-0002.000"
+    assert resolve_optimized_metric(cfg) == "val/loss_sigma_bin/0001.000-0002.000"
 
 
 def test_a_failed_sweep_job_returns_no_number(hydra_job):

@@ -128,7 +128,7 @@ class ImageDataModule(_BaseDataModule):
         self.verify_checksums = bool(verify_checksums)
         self.val_size = int(val_size)
         self.seed = int(seed)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # in checkpoints; the loggers get the nested run config
 
     @property
     def channels(self) -> int:
@@ -172,7 +172,7 @@ class ToyDataModule(_BaseDataModule):
         self.seed = int(seed)
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # in checkpoints; the loggers get the nested run config
 
     @property
     def dim(self) -> int:
