@@ -285,7 +285,7 @@ def test_the_optimized_metric_comes_from_the_config_not_from_what_was_logged(tmp
                             "callbacks": {"sample_grid": {"quality": True}}})
     assert resolve_optimized_metric(cfg) == "quality/kid_pixels"  # no weights: the pixel KID, decided up front
     cfg.paths.inception_weights = str(tmp_path / "weights.pth")
-    assert run_quality_key(cfg) == "quality/kid"
+    assert run_quality_key(cfg) == "quality/kid_inception"
     cfg.data = {"_target_": "ncsn.data.ImageDataModule", "name": "mnist_bundled"}
     assert resolve_optimized_metric(cfg) == "quality/kid"
     cfg.callbacks.sample_grid.quality = False
