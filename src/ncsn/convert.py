@@ -104,7 +104,9 @@ def compose_train_config(overrides: list[str], output_dir: Path):
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3", job_name="convert"):
             return compose(config_name="train", overrides=[f"paths.output_dir={output_dir}", *overrides])
     except Exception as exc:  # a bad override is the user's: one line
-        raise UserError(f"cannot compose the config: {str(exc).splitlines()[0]}") from exc
+        from ncsn.app import override_error
+
+        raise UserError(override_error(str(exc), "train")) from exc
 
 
 def experiment_of(overrides: list[str]) -> str:

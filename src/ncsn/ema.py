@@ -32,6 +32,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 
+from ncsn.errors import ConfigError
 from ncsn.lightning_private import average_model
 
 log = logging.getLogger("ncsn")
@@ -89,9 +90,10 @@ class EMA(WeightAveraging):
                  update_starting_at_step: int | None = None, device: Any = None, use_buffers: bool = True,
                  validate: bool = True) -> None:
         if not 0.0 <= float(decay) <= 1.0:
-            from ncsn.errors import ConfigError
-
             raise ConfigError(f"callbacks.ema.decay must be in [0, 1] (got {decay})")
+        if int(update_every_n_steps) != update_every_n_steps or update_every_n_steps < 1:
+            raise ConfigError(f"callbacks.ema.update_every_n_steps must be a whole number >= 1 (got "
+                              f"{update_every_n_steps})")
         super().__init__(device=device, use_buffers=use_buffers,
                          multi_avg_fn=functools.partial(ema_update, decay=float(decay)))
         self.decay = float(decay)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -36,6 +37,17 @@ GOLDEN = 0.6180339887498949
 
 class NonFiniteLossError(UserError, RuntimeError):
     """Training produced a NaN or infinite loss."""
+
+
+def check_optimizer(factory: Callable[..., torch.optim.Optimizer] | None) -> None:
+    """Build the configured optimizer once on a dummy parameter, so that a bad setting (a negative learning rate,
+    betas outside [0, 1)) is one line now instead of an error after the run has started."""
+    if factory is None:
+        return
+    try:
+        factory([nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"model.optimizer: {exc}; fix the model.optimizer settings") from exc
 
 
 class ScoreModel(L.LightningModule):
@@ -92,6 +104,9 @@ class ScoreModel(L.LightningModule):
             raise ConfigError(f"unknown loss '{loss}'; choose one of {sorted(LOSSES)}")
         if nonfinite not in ("raise", "skip"):
             raise ConfigError(f"model.nonfinite must be 'raise' or 'skip' (got '{nonfinite}')")
+        if not math.isfinite(float(weight_power)):
+            raise ConfigError(f"model.weight_power must be a finite number (got {weight_power})")
+        check_optimizer(optimizer)
         self.net = net
         self.register_buffer("sigmas", validate_sigmas(torch.as_tensor(sigmas, dtype=torch.float32)))
         self.data_shape = tuple(int(d) for d in data_shape)

@@ -48,8 +48,10 @@ def validate_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
 def _check_range(sigma_max: float, sigma_min: float, num_scales: int) -> None:
     if int(num_scales) != num_scales or num_scales < 2:
         raise ConfigError(f"sigmas.num_scales must be an integer >= 2 (got {num_scales})")
-    if not (sigma_min > 0):
-        raise ConfigError(f"sigmas.sigma_min must be > 0 (got {sigma_min})")
+    if not (sigma_min > 0) or not math.isfinite(sigma_min):
+        raise ConfigError(f"sigmas.sigma_min must be > 0 and finite (got {sigma_min})")
+    if not math.isfinite(sigma_max):
+        raise ConfigError(f"sigmas.sigma_max must be a finite number (got {sigma_max})")
     if not (sigma_max > sigma_min):
         raise ConfigError(
             f"sigmas.sigma_max ({sigma_max}) must be larger than sigmas.sigma_min ({sigma_min})"

@@ -63,14 +63,26 @@ def output_dir(cfg: DictConfig) -> Path:
 
 
 def check_trainer_config(cfg: DictConfig) -> None:
-    """Errors the Trainer would only report deep inside: accelerator availability."""
+    """Errors the Trainer would only report deep inside or not at all: accelerator availability, a run of no
+    steps, a seed that is not a number."""
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError("trainer=gpu needs a CUDA GPU and none is visible; use trainer=cpu or trainer=default")
+        chosen = "trainer=gpu" if accelerator == "gpu" else f"trainer.accelerator={accelerator}"
+        raise ConfigError(f"{chosen} needs a CUDA GPU and none is visible; use trainer=cpu or trainer=default")
+    if cfg.trainer.get("max_steps") == 0:
+        raise ConfigError("trainer.max_steps=0 trains nothing; give a number of steps >= 1 (or -1: no step limit)")
+    interval = cfg.trainer.get("val_check_interval")
+    if interval is not None and not (isinstance(interval, (int, float)) and interval > 0):  # 0: Lightning divides by it
+        raise ConfigError(f"trainer.val_check_interval must be > 0: steps (int) or a share of an epoch (float in "
+                          f"(0, 1]), or null (got {interval!r})")
+    seed = cfg.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32):
+        raise ConfigError(f"seed must be a whole number from 0 to 2**32 - 1, or null (got {seed!r})")
 
 
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Build every object of a training run from its config (nothing is run)."""
+    check_trainer_config(cfg)
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     model: L.LightningModule = instantiate(cfg.model)
     resolve_quality_monitors(cfg)
@@ -86,7 +98,6 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback with the bar off
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    check_trainer_config(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      plugins=[AtomicCheckpointIO()])
     if "batch_size" in cfg.data:  # fail before processes are launched, not inside each of them
@@ -215,6 +226,7 @@ def optimized_value(metric_name: str | None, metrics) -> float | None:
 
 def train(cfg: DictConfig) -> float | None:
     """Train one run; return the value of ``cfg.optimized_metric`` (None if it was never logged)."""
+    check_trainer_config(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     prepare_ddp_relaunch()

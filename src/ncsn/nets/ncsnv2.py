@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ncsn.nets.layers import RefineBlock, ResidualBlock
+from ncsn.nets.layers import RefineBlock, ResidualBlock, check_sizes
 from ncsn.nets.normalization import InstanceNorm2dPlus
 
 
@@ -41,6 +41,7 @@ class NCSNv2(nn.Module):
         rescale_input: bool = True,
     ) -> None:
         super().__init__()
+        check_sizes(in_channels=in_channels, image_size=image_size, ngf=ngf)
         self.in_channels = in_channels
         self.image_size = image_size
         self.ngf = ngf
