@@ -1,11 +1,12 @@
-"""Runs many command lines of the project's CLIs in ONE process, each as its entry point runs it, and records what a
-user would see: ``python tests/cli_matrix.py CASES.json RESULTS.json`` (used by tests/test_reliability.py).
+"""Runs many command lines of the project's CLIs in ONE process, each as its entry point runs it, and records
+what a user would see: ``python tests/cli_matrix.py CASES.json RESULTS.json`` (used by tests/test_reliability.py).
 
 Each case is ``{"id", "argv", "out"}``: ``argv`` is what follows ``python`` (``train.py ...``, ``sample.py ...``
-or ``-m ncsn.<tool> ...``); the script is run with ``runpy`` as ``__main__``, exactly as ``python`` would (Hydra's
-own argument parsing, the pre-checks, the error handling), so only the interpreter's start-up is shared. The
-result of a case: its exit code, stderr and the files under ``out`` afterwards. One process for the whole matrix
-keeps it fast (a case that fails at its config takes a fraction of a second; a process start takes seconds).
+or ``-m ncsn.<tool> ...``); the script is run with ``runpy`` as ``__main__``, as ``python`` would run it
+(Hydra's own argument parsing, the pre-checks, the error handling); the cases share the process and its
+imports. The result of a case: its exit code, stderr and the files under ``out`` afterwards. One process for
+the whole matrix keeps it fast (a case that fails at its config takes a fraction of a second, a process start
+takes seconds).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-#: a case that is not rejected runs for real (a training run): it is stopped after this long and recorded as such
+#: a case that is not rejected runs for real (a training run): stopped after this long, recorded as such
 CASE_LIMIT_S = 120
 
 
@@ -67,14 +68,17 @@ def files_under(path: str | None) -> list[str]:
     if not path or not Path(path).exists():
         return []
     root = Path(path)
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.is_dir() else ["."]
+    if not root.is_dir():
+        return ["."]
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
 def main(cases_file: str, results_file: str) -> None:
     os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true")
     os.environ.pop("HYDRA_FULL_ERROR", None)
     # runpy's note that a module already imported (ncsn.sigmas, by an earlier case) is run again as __main__
-    warnings.filterwarnings("ignore", message=".*found in sys.modules after import of package", category=RuntimeWarning)
+    warnings.filterwarnings("ignore", message=".*found in sys.modules after import of package",
+                            category=RuntimeWarning)
     results = {}
     for case in json.loads(Path(cases_file).read_text()):
         code, stderr = run_case(case["argv"])

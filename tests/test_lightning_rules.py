@@ -63,7 +63,7 @@ def test_logging_steps_are_lightnings_should_update_logs(tmp_path, accumulate):
     assert logged == [2, 5, 7]  # every 3rd step (1-based) and the one where training stops
 
 
-# ---------------------------------------------------------------------------------------------- ncsn.lightning_private
+# ---------------------------------------------------------------------------------------- ncsn.lightning_private
 # One test per private Lightning name the code uses (all of them behind ncsn.lightning_private): each checks the
 # behaviour the code relies on, on one tiny real fit, so that a Lightning upgrade that changes one fails here.
 class OneParameter(L.LightningModule):
@@ -101,7 +101,8 @@ class PrivateProbe(L.Callback):
         step = trainer.global_step
         self.seen["trainer"] = attached_trainer(pl_module) is trainer
         average = average_model(self.averaging)
-        self.seen["averaged"][step] = (int(average.n_averaged), float(average.module.w.detach()), float(pl_module.w.detach()))
+        self.seen["averaged"][step] = (int(average.n_averaged), float(average.module.w.detach()),
+                                       float(pl_module.w.detach()))
         if step not in PUBLISHED:
             return
         publish_callback_metrics(trainer, {"quality/x": PUBLISHED[step]})
@@ -157,7 +158,8 @@ def test_save_topk_checkpoint_saves_only_on_improvement_and_updates_the_best(pro
 
 def test_save_last_checkpoint_writes_last_ckpt_and_sets_last_model_path(probed):
     last = probed.out / "last.ckpt"
-    assert probed.checkpoint.last_model_path == str(last) and torch.load(last, weights_only=False)["global_step"] == 4
+    assert probed.checkpoint.last_model_path == str(last)
+    assert torch.load(last, weights_only=False)["global_step"] == 4
 
 
 def test_average_model_is_the_weight_averaging_callbacks_averaged_copy(probed):

@@ -120,7 +120,8 @@ CLI_CASES = [
     ("train-max-time-garbage", f"{TRAIN} trainer.max_time=banana", "is not a valid duration"),
     ("train-val-interval-zero", f"{TRAIN} trainer.val_check_interval=0", "trainer.val_check_interval must be > 0"),
     ("train-precision-unknown", f"{TRAIN} trainer.precision=banana", "Precision 'banana' is invalid"),
-    ("train-val-batches-negative", f"{TRAIN} trainer.limit_val_batches=-1", "invalid value -1 for limit_val_batches"),
+    ("train-val-batches-negative", f"{TRAIN} trainer.limit_val_batches=-1",
+     "invalid value -1 for limit_val_batches"),
     # the data, the model, the σ list, the sampler
     ("train-batch-negative", f"{TRAIN} data.batch_size=-4", "data.batch_size must be a positive integer"),
     ("train-workers-negative", f"{TRAIN} data.num_workers=-1", "data.num_workers must be a whole number >= 0"),
@@ -211,7 +212,8 @@ CLI_CASES = [
     ("convert-no-experiment", "-m ncsn.convert {files}/official.pth out={out}/c.ckpt", "pass experiment=NAME"),
     ("convert-step-negative", f"{CONVERT} step=-1", "step must be a whole number >= 0"),
     ("convert-step-text", f"{CONVERT} step=abc", "step must be a whole number >= 0"),
-    ("convert-out-is-a-dir", "-m ncsn.convert {files}/official.pth experiment=mnist_paper out={tmp}", "is a directory"),
+    ("convert-out-is-a-dir", "-m ncsn.convert {files}/official.pth experiment=mnist_paper out={tmp}",
+     "is a directory"),
     ("convert-truncated", "-m ncsn.convert {files}/official_truncated.pth experiment=mnist_paper out={out}/c.ckpt",
      "is not an official ncsn/ncsnv2 checkpoint"),
     ("convert-foreign", "-m ncsn.convert {files}/foreign.ckpt experiment=mnist_paper out={out}/c.ckpt",
@@ -289,7 +291,8 @@ def cli_results(trained_run, tmp_path_factory) -> dict:
     proc = run_entry("tests/cli_matrix.py", str(root / "cases.json"), str(root / "results.json"), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((root / "results.json").read_text())
-    results["run files unchanged"] = before == sorted(str(p.relative_to(trained_run)) for p in trained_run.rglob("*"))
+    after = sorted(str(p.relative_to(trained_run)) for p in trained_run.rglob("*"))
+    results["run files unchanged"] = before == after
     return results
 
 

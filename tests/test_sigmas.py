@@ -152,7 +152,8 @@ def test_python_m_ncsn_sigmas_suggest_still_works(tmp_path):
 
 
 def test_sigma_bin_keys_sort_as_text_in_the_order_of_sigma():
-    """W&B sorts panels by key text: the bins must read 0.5-1, 1-2, 2-5, 10-20 in that order, not 1-2, 10-20, 2-5."""
+    """W&B sorts panels by key text: the bins must read 0.5-1, 1-2, 2-5, 10-20 in that order (not 1-2, 10-20,
+    2-5)."""
     sigmas = geometric_sigmas(2000.0, 0.0001, 300).tolist()
     keys = sorted({sigma_bin_key(s) for s in sigmas})
     assert len(keys) == len(SIGMA_BIN_EDGES) + 1  # every bin, the two open-ended ones included

@@ -119,7 +119,8 @@ def instantiate(cfg: DictConfig | dict | None, **kwargs: Any) -> Any:
             raise
         key = re.search(r"full_key: (\S+)", str(exc))
         where = key.group(1) if key else "config"
-        raise ConfigError(f"{where}: {type(cause).__name__}: {one_line(cause)}; fix the {where} settings") from exc
+        raise ConfigError(f"{where}: {type(cause).__name__}: {one_line(cause)}; fix the {where} settings"
+                          ) from exc
 
 
 def instantiate_group(cfg: DictConfig | None) -> list[Any]:
@@ -200,8 +201,8 @@ def wandb_logger(**kwargs: Any):
     from ncsn.lightning_private import drop_unset_wandb_init_setting
 
     logger = WandbLogger(**kwargs)
-    # No public way exists: WandbLogger always puts the key in the kwargs it keeps for wandb.init, and wandb reports
-    # it with termwarn, which no warnings filter reaches. Pinned by tests/test_train_app.py.
+    # No public way exists: WandbLogger always puts the key in the kwargs it keeps for wandb.init, and wandb
+    # reports it with termwarn, which no warnings filter reaches. Pinned by tests/test_train_app.py.
     drop_unset_wandb_init_setting(logger, "anonymous")
     return logger
 

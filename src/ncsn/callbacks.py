@@ -48,7 +48,8 @@ def check_grid_settings(every_n_steps: int, num_samples: int, grid_size: int | N
         why = " with the quality pass on (or set callbacks.sample_grid.quality=false)" if quality else ""
         raise ConfigError(f"{key}.num_samples must be a whole number >= {least}{why} (got {num_samples})")
     if isinstance(every_n_steps, bool) or int(every_n_steps) != every_n_steps or every_n_steps < 0:
-        raise ConfigError(f"{key}.every_n_steps must be a whole number >= 0 (0: only at the end; got {every_n_steps})")
+        raise ConfigError(f"{key}.every_n_steps must be a whole number >= 0 (0: only at the end; got "
+                          f"{every_n_steps})")
     if grid_size is not None and (isinstance(grid_size, bool) or int(grid_size) != grid_size or grid_size < 1):
         raise ConfigError(f"{key}.grid_size must be a whole number >= 1 or null (all samples; got {grid_size})")
 

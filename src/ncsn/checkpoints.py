@@ -69,7 +69,7 @@ class FinalStepCheckpoint(ModelCheckpoint):
     Lightning refreshes ``last.ckpt`` only at its periodic saves (and at the end only when nothing was saved at
     all), so a run that stops between two (``max_time``, ``max_steps`` not a multiple of
     ``every_n_train_steps``) would keep older weights there. At the end of training this saves it once more
-    through ModelCheckpoint's own path (``ncsn.lightning_private.save_last``), so ``last_model_path``, the loggers'
+    through ModelCheckpoint's own path (``lightning_private.save_last``), so ``last_model_path``, the loggers'
     ``after_save_checkpoint`` (W&B ``log_model``), ``save_weights_only`` and ``save_last="link"`` behave as at a
     periodic save; with ``link``, the final step is first saved as a regular (top-k) checkpoint for ``last`` to
     link to (with a ``monitor``, as at a periodic save, last links to the newest top-k file). It runs in the training processes (under ``ddp_spawn`` the launching process has neither the final

@@ -1,21 +1,21 @@
 """Every use of Lightning's private API, in one place (Lightning 2.6 has no public way to do these).
 
-Each function wraps one private name and is pinned by ``tests/test_lightning_rules.py``: a Lightning upgrade that
-renames or changes one of them fails a test there instead of silently skipping a checkpoint or a quality value.
-Elsewhere the code uses Lightning's public API only (``ncsn.module.ScoreModel._logging_step`` rebuilds one more
-private rule, ``LoggerConnector.should_update_logs``, from public state; it is pinned in the same file).
+Each function wraps one private name and is pinned by ``tests/test_lightning_rules.py``: a Lightning upgrade
+that renames or changes one of them fails a test there instead of silently skipping a checkpoint or a quality
+value. Elsewhere the code uses Lightning's public API only (``ncsn.module.ScoreModel._logging_step`` rebuilds
+one more private rule, ``LoggerConnector.should_update_logs``, from public state; pinned in the same file).
 
 * ``ModelCheckpoint``'s saving steps (``_should_skip_saving_checkpoint``, ``_monitor_candidates``,
-  ``_save_topk_checkpoint``, ``_save_last_checkpoint``): our checkpoints save at moments Lightning's triggers do not
-  offer (after a quality pass, at the very end of training) through ModelCheckpoint's own saving path, so that
-  ``best_model_score``, ``last_model_path``, the loggers' ``after_save_checkpoint``, ``save_weights_only`` and
-  ``save_last="link"`` behave as at one of its own saves.
+  ``_save_topk_checkpoint``, ``_save_last_checkpoint``): our checkpoints save at moments Lightning's triggers
+  do not offer (after a quality pass, at the very end of training) through ModelCheckpoint's own saving path,
+  so that ``best_model_score``, ``last_model_path``, the loggers' ``after_save_checkpoint``,
+  ``save_weights_only`` and ``save_last="link"`` behave as at one of its own saves.
 * ``WeightAveraging._average_model``: the averaged copy of the module (no public accessor).
-* ``WandbLogger._wandb_init``: the arguments it will pass to ``wandb.init`` (one it always passes, ``anonymous=None``,
-  makes wandb warn).
-* ``Trainer.callback_metrics`` is public to read; writing into the dict it returns is not: Lightning keeps that
-  dict between steps and only adds to it. ``LightningModule.log`` cannot be called from ``on_train_end``, where
-  the final quality pass runs, so the pass's values are put there directly.
+* ``WandbLogger._wandb_init``: the arguments it will pass to ``wandb.init`` (one it always passes,
+  ``anonymous=None``, makes wandb warn; pinned by ``tests/test_train_app.py``).
+* ``Trainer.callback_metrics`` is public to read; writing into the dict it returns is not: Lightning keeps
+  that dict between steps and only adds to it. ``LightningModule.log`` cannot be called from ``on_train_end``,
+  where the final quality pass runs, so the pass's values are put there directly.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ def attached_trainer(obj: Any) -> Any | None:
 
 
 def should_skip_saving(checkpoint: ModelCheckpoint, trainer: Any) -> bool:
-    """ModelCheckpoint's own rule: no save in a sanity check, ``fast_dev_run``, outside ``fit``, or a second time
-    at the step it last saved at."""
+    """ModelCheckpoint's own rule: no save in a sanity check, ``fast_dev_run``, outside ``fit``, or a second
+    time at the step it last saved at."""
     return checkpoint._should_skip_saving_checkpoint(trainer)
 
 
@@ -53,8 +53,8 @@ def monitor_candidates(checkpoint: ModelCheckpoint, trainer: Any) -> dict[str, t
 
 
 def save_top_k(checkpoint: ModelCheckpoint, trainer: Any, candidates: Mapping[str, torch.Tensor]) -> None:
-    """ModelCheckpoint's top-k save: compares ``candidates[monitor]`` with the best so far and saves (and updates
-    ``best_model_score`` / ``best_model_path``) only on improvement; without a monitor it always saves."""
+    """ModelCheckpoint's top-k save: compares ``candidates[monitor]`` with the best so far and saves (and
+    updates ``best_model_score`` / ``best_model_path``) only on improvement; without a monitor: always."""
     checkpoint._save_topk_checkpoint(trainer, dict(candidates))
 
 
@@ -69,13 +69,13 @@ def average_model(callback: WeightAveraging) -> torch.optim.swa_utils.AveragedMo
 
 
 def publish_callback_metrics(trainer: Any, values: Mapping[str, float]) -> None:
-    """Make ``values`` part of ``trainer.callback_metrics`` (float64 tensors, as ``self.log`` would store them) from
-    any hook, ``on_train_end`` included: ModelCheckpoint's monitor, ``metrics.json`` and the sweep's optimized
-    metric read them there."""
+    """Make ``values`` part of ``trainer.callback_metrics`` (as float64 tensors) from any hook,
+    ``on_train_end`` included: ModelCheckpoint's monitor, ``metrics.json`` and the sweep's optimized metric read
+    them there."""
     trainer.callback_metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()})
 
 
 def drop_unset_wandb_init_setting(logger: Any, key: str) -> None:
-    """Remove ``key`` from the arguments a ``WandbLogger`` will pass to ``wandb.init`` when its value is None."""
+    """Remove ``key`` from the arguments a ``WandbLogger`` will pass to ``wandb.init`` when it is None."""
     if logger._wandb_init.get(key, "set") is None:
         logger._wandb_init.pop(key)

@@ -270,10 +270,11 @@ def run_fid(model, cfg, out: Path, overrides: dict, run_cfg: DictConfig) -> dict
 # ---------------------------------------------------------------------------------------------- entry
 #: the counts sample.py reads, with their least value (the mode that reads them; None: every mode)
 COUNTS = {"num_samples": (1, None), "batch_size": (1, None), "grid_max": (1, None), "nrow": (1, None),
-          "trajectory.num": (1, "trajectory"), "trajectory.every": (1, "trajectory"), "inpaint.num": (1, "inpaint"),
-          "inpaint.num_completions": (1, "inpaint"), "inpaint.square": (0, "inpaint"), "nn.num": (1, "nn"),
-          "nn.k": (1, "nn"), "fid.num_real": (2, "fid")}
-SWITCHES = ("use_ema", "progress", "save_individual", "trajectory.gif", "fid.inception_score", "fid.allow_download")
+          "trajectory.num": (1, "trajectory"), "trajectory.every": (1, "trajectory"),
+          "inpaint.num": (1, "inpaint"), "inpaint.num_completions": (1, "inpaint"), "inpaint.square": (0, "inpaint"),
+          "nn.num": (1, "nn"), "nn.k": (1, "nn"), "fid.num_real": (2, "fid")}
+SWITCHES = ("use_ema", "progress", "save_individual", "trajectory.gif", "fid.inception_score",
+            "fid.allow_download")
 
 
 def check_sample_config(cfg: DictConfig) -> None:

@@ -261,15 +261,16 @@ SIGMA_BIN_PREFIX = "val/loss_sigma_bin/"
 
 
 def _bin_edge(value: float) -> str:
-    """An edge in fixed width (4 digits, a point, 3 decimals: ``0000.010``, ``0500.000``), so that the keys' plain
-    string order, which W&B and most tools sort panels and columns by, is their numeric order."""
+    """An edge in fixed width (4 digits, a point, 3 decimals: ``0000.010``, ``0500.000``), so that the keys'
+    plain string order, which W&B and most tools sort panels and columns by, is their numeric order."""
     return "inf" if math.isinf(value) else f"{value:08.3f}"
 
 
 def sigma_bin_key(sigma: float) -> str:
-    """The per-σ validation key of the fixed bin [lo, hi) holding ``sigma``, e.g. ``val/loss_sigma_bin/0000.500-0001.000``
-    (below 0.001: ``0000.000-0000.001``; from 1000 on: ``1000.000-inf``). The edges have a fixed width, so sorting
-    the keys as text sorts them by σ. A float32 σ a hair below an edge (0.0099999998 for 0.01) counts as the edge."""
+    """The per-σ validation key of the fixed bin [lo, hi) holding ``sigma``, e.g.
+    ``val/loss_sigma_bin/0000.500-0001.000`` (below 0.001: ``0000.000-0000.001``; from 1000 on: ``1000.000-inf``).
+    The edges have a fixed width, so sorting the keys as text sorts them by σ. A float32 σ a hair below an edge
+    (0.0099999998 for 0.01) counts as the edge."""
     edges = SIGMA_BIN_EDGES
     sigma = float(sigma) * (1 + 1e-6)
     if sigma < edges[0]:

@@ -70,9 +70,9 @@ def check_trainer_config(cfg: DictConfig) -> None:
         chosen = "trainer=gpu" if accelerator == "gpu" else f"trainer.accelerator={accelerator}"
         raise ConfigError(f"{chosen} needs a CUDA GPU and none is visible; use trainer=cpu or trainer=default")
     if cfg.trainer.get("max_steps") == 0:
-        raise ConfigError("trainer.max_steps=0 trains nothing; give a number of steps >= 1 (or -1: no step limit)")
+        raise ConfigError("trainer.max_steps=0 trains nothing; give a number of steps >= 1 (or -1: no limit)")
     interval = cfg.trainer.get("val_check_interval")
-    if interval is not None and not (isinstance(interval, (int, float)) and interval > 0):  # 0: Lightning divides by it
+    if interval is not None and not (isinstance(interval, (int, float)) and interval > 0):  # 0: divides by 0
         raise ConfigError(f"trainer.val_check_interval must be > 0: steps (int) or a share of an epoch (float in "
                           f"(0, 1]), or null (got {interval!r})")
     seed = cfg.get("seed")

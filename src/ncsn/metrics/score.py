@@ -5,9 +5,10 @@
 FILE: ``samples.npz`` as ``sample.py`` writes it (key ``samples``: uint8 [N, H, W, C]), any ``.npz`` holding one
 array, a ``.npy`` array, or a ``.pt`` / ``.pth`` tensor (``torch.save``; a dict with one tensor or ``samples``):
 images [N, H, W(, C)] (or [N, C, H, W]) as integers in [0, 255] or floats in [0, 1], or 2-D points [N, 2].
-Anything else (another range, NaN, a bool or text array) is one error line, never a score. ``data`` defaults to ``mnist_bundled`` for 28x28 grey images and ``toy_gmm`` for points; other
-images need it (``cifar10``, ``celeba``, with ``data_dir``). The last printed line is one JSON object: the primary
-key first, then every key of the metric, then ``num_samples`` and ``data``.
+Anything else (another range, NaN, a bool or text array) is one error line, never a score. ``data`` defaults
+to ``mnist_bundled`` for 28x28 grey images and ``toy_gmm`` for points; other images need it (``cifar10``,
+``celeba``, with ``data_dir``). The last printed line is one JSON object: the primary key first, then every key
+of the metric, then ``num_samples`` and ``data``.
 """
 
 from __future__ import annotations
