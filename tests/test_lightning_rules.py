@@ -18,6 +18,7 @@ from ncsn.best_checkpoint import BestQualityCheckpoint
 from ncsn.lightning_private import (
     attached_trainer,
     average_model,
+    loop_state_at,
     monitor_candidates,
     publish_callback_metrics,
     save_last,
@@ -177,6 +178,25 @@ def test_published_callback_metrics_stay_until_overwritten_and_reach_on_train_en
     assert "train/loss" in metrics
     assert float(metrics["quality/x"]) == pytest.approx(0.2) and float(metrics["quality/end"]) == 1.5
     assert metrics["quality/x"].dtype == torch.float64
+
+
+class StartStep(L.Callback):
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.step, self.epoch = trainer.global_step, trainer.current_epoch
+
+
+def test_loop_state_at_makes_fit_continue_at_that_step_and_epoch(probed, tmp_path):
+    """``ncsn.convert`` writes the loop counters of a run that took N steps; Lightning must resume there."""
+    ckpt = torch.load(probed.out / "last.ckpt", weights_only=False)
+    ckpt["loops"] = loop_state_at(7, 2)
+    torch.save(ckpt, tmp_path / "at7.ckpt")
+    start = StartStep()
+    trainer = L.Trainer(max_steps=9, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[start])
+    trainer.fit(OneParameter(), ckpt_path=tmp_path / "at7.ckpt")
+    assert (start.step, start.epoch) == (7, 2) and trainer.global_step == 9  # 2 more steps, not 9 or 5
+    assert trainer.fit_loop.epoch_loop._batches_that_stepped == 9  # the private counter it sets
 
 
 class FakeQualityPasses(L.Callback):

@@ -11,6 +11,8 @@ one more private rule, ``LoggerConnector.should_update_logs``, from public state
   so that ``best_model_score``, ``last_model_path``, the loggers' ``after_save_checkpoint``,
   ``save_weights_only`` and ``save_last="link"`` behave as at one of its own saves.
 * ``WeightAveraging._average_model``: the averaged copy of the module (no public accessor).
+* the fit loop's progress counters (``_batches_that_stepped`` and the progress trackers): a checkpoint made
+  outside Lightning (``ncsn.convert``) that ``Trainer.fit(ckpt_path=...)`` continues at a given step.
 * ``WandbLogger._wandb_init``: the arguments it will pass to ``wandb.init`` (one it always passes,
   ``anonymous=None``, makes wandb warn; pinned by ``tests/test_train_app.py``).
 * ``Trainer.callback_metrics`` is public to read; writing into the dict it returns is not: Lightning keeps
@@ -20,14 +22,15 @@ one more private rule, ``LoggerConnector.should_update_logs``, from public state
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
 
-__all__ = ["attached_trainer", "average_model", "drop_unset_wandb_init_setting", "monitor_candidates",
-           "publish_callback_metrics", "save_last", "save_top_k", "should_skip_saving"]
+__all__ = ["attached_trainer", "average_model", "drop_unset_wandb_init_setting", "loop_state_at",
+           "monitor_candidates", "publish_callback_metrics", "save_last", "save_top_k", "should_skip_saving"]
 
 
 def attached_trainer(obj: Any) -> Any | None:
@@ -79,3 +82,33 @@ def drop_unset_wandb_init_setting(logger: Any, key: str) -> None:
     """Remove ``key`` from the arguments a ``WandbLogger`` will pass to ``wandb.init`` when it is None."""
     if logger._wandb_init.get(key, "set") is None:
         logger._wandb_init.pop(key)
+
+
+def loop_state_at(step: int, epoch: int) -> dict[str, Any]:
+    """Lightning's loop counters (a checkpoint's ``loops``) for a run that has taken ``step`` optimizer steps
+    and finished ``epoch`` epochs, at an epoch boundary: ``Trainer.fit(ckpt_path=...)`` continues at global step
+    ``step`` with a fresh pass over the data (epoch index ``epoch``)."""
+    import lightning as L
+
+    silenced = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in silenced]
+    for logger in silenced:
+        logger.setLevel(logging.ERROR)
+    try:
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+    finally:
+        for logger, level in zip(silenced, levels, strict=True):
+            logger.setLevel(level)
+    epoch_loop = trainer.fit_loop.epoch_loop
+    optimizer_progress = epoch_loop.automatic_optimization.optim_progress.optimizer
+    optimizer_progress.step.total.ready = optimizer_progress.step.total.completed = step
+    zero_grad = optimizer_progress.zero_grad.total
+    zero_grad.ready = zero_grad.started = zero_grad.completed = step
+    batches = epoch_loop.batch_progress.total
+    batches.ready = batches.started = batches.processed = batches.completed = step
+    epoch_loop._batches_that_stepped = step
+    for counters in (trainer.fit_loop.epoch_progress.total, trainer.fit_loop.epoch_progress.current):
+        counters.ready = counters.started = counters.processed = counters.completed = epoch
+    return {"fit_loop": trainer.fit_loop.state_dict(), "validate_loop": trainer.validate_loop.state_dict(),
+            "test_loop": trainer.test_loop.state_dict(), "predict_loop": trainer.predict_loop.state_dict()}
