@@ -26,4 +26,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    run_entry_point(main, CONF_DIR, sys.argv[1:])
+    run_entry_point(main, CONF_DIR, sys.argv[1:], config_name="sample")

@@ -29,4 +29,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    run_entry_point(main, CONF_DIR, sys.argv[1:], pick_experiment=True)
+    run_entry_point(main, CONF_DIR, sys.argv[1:], pick_experiment=True, config_name="train")

@@ -160,11 +160,13 @@ class WeightsProbe(L.Callback):
         import torch
         from lightning.pytorch.callbacks import WeightAveraging
 
+        from ncsn.lightning_private import average_model
+
         def copy(state):
             return {k: v.detach().cpu().clone() for k, v in state.items()}
 
         ema = [c for c in trainer.callbacks if isinstance(c, WeightAveraging)]
-        average = ema[0]._average_model.module.state_dict() if ema else None
+        average = average_model(ema[0]).module.state_dict() if ema else None
         state = {"module": copy(pl_module.state_dict()), "average": None if average is None else copy(average),
                  "step": trainer.global_step}
         os.makedirs(self.out_dir, exist_ok=True)

@@ -1,6 +1,7 @@
 """What a W&B dashboard of the default CPU recipe shows, read back from the offline run's own ``.wandb`` file
 (tests/wandb_records.py), not through our logger calls: a quality curve, the per-σ chart at a bounded rate,
-a handful of fixed σ bins instead of 95 scalars (the same keys for any σ list), and no fake zeros."""
+a handful of fixed σ bins instead of 95 scalars (the same keys for any σ list, in σ order as text), no fake zeros,
+and the run config nested as in ``.hydra/config.yaml`` (filter by ``data.name``, ``model.net.ngf``)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import json
 import re
 from types import SimpleNamespace
 
+import pytest
+import torch
+import yaml
 from conftest import run_entry
 from lightning.pytorch.loggers import WandbLogger
-from wandb_records import history, run_file
+from wandb_records import config, history, run_file, run_id
 
 from ncsn.callbacks import SigmaLossChart
-from ncsn.sigmas import geometric_sigmas, sigma_bin_key
+from ncsn.sigmas import SIGMA_BIN_PREFIX, geometric_sigmas, sigma_bin_key, sigma_bin_low
 
 # the CPU recipe (95 levels, EMA, its logger: W&B offline), shortened: 3 validations, 2 sampling passes
 SHORT_CPU = ["experiment=cpu", "trainer.max_time=null", "trainer.max_steps=60", "trainer.val_check_interval=20",
@@ -21,10 +25,16 @@ SHORT_CPU = ["experiment=cpu", "trainer.max_time=null", "trainer.max_steps=60", 
              "sampler.n_steps_each=1", "callbacks.progress_bar=null"]
 
 
-def test_the_cpu_recipes_wandb_run_has_a_quality_curve_a_sigma_chart_and_no_fake_zeros(tmp_path):
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("dashboard") / "run"
     result = run_entry("train.py", *SHORT_CPU, f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir
+
+
+def test_the_cpu_recipes_wandb_run_has_a_quality_curve_a_sigma_chart_and_no_fake_zeros(cpu_run):
+    run_dir = cpu_run
     rows = history(run_file(run_dir))
 
     def steps_with(key):
@@ -55,6 +65,51 @@ def test_the_cpu_recipes_wandb_run_has_a_quality_curve_a_sigma_chart_and_no_fake
     curve = record["per_sigma"]
     assert len(curve["sigma"]) == len(curve["loss"]) == 95 and sum(curve["count"]) == 64  # 2 batches of 32
     assert all((loss is None) == (count == 0) for loss, count in zip(curve["loss"], curve["count"]))
+
+
+def test_the_sigma_bins_sort_as_text_from_the_smallest_sigma_to_the_largest(cpu_run):
+    """W&B orders a section's panels by key text: 0.01-0.02 ... 1-2, 2-5, 5-10, 10-20 (not 1-2, 10-20, 2-5)."""
+    keys = sorted({k for row in history(run_file(cpu_run)) for k in row if k.startswith(SIGMA_BIN_PREFIX)})
+    assert len(keys) >= 10 and keys == sorted(keys, key=sigma_bin_low)
+    lows = [sigma_bin_low(k) for k in keys]
+    assert lows[0] == 0.01 and lows[-1] == 10.0 and 1.0 in lows and 2.0 in lows  # 15.77 -> 0.01
+
+
+def _leaves(node, path=()):
+    if isinstance(node, (dict, list)):
+        for key, value in (node.items() if isinstance(node, dict) else enumerate(node)):
+            yield from _leaves(value, (*path, key))
+    else:
+        yield path, node
+
+
+def _at(node, path):
+    for key in path:
+        node = node[key]
+    return node
+
+
+def test_the_wandb_config_is_the_nested_run_config(cpu_run):
+    """One nested config, the run's own: ``.hydra/config.yaml`` resolved (= ``checkpoints/config.yaml``), with no
+    datamodule fields beside it at the top level (Lightning's save_hyperparameters used to add them, and the
+    datamodule's ``seed`` overwrote the run's)."""
+    logged = config(run_file(cpu_run))
+    wandb_own = logged.pop("_wandb")  # W&B's own entry (its chart panels: val/loss_vs_sigma), hidden in its UI
+    assert "val/loss_vs_sigma" in wandb_own.get("visualize", {})
+    hydra_cfg = yaml.safe_load((cpu_run / ".hydra" / "config.yaml").read_text())
+    assert logged == yaml.safe_load((cpu_run / "checkpoints" / "config.yaml").read_text())
+    assert set(logged) == set(hydra_cfg)
+    for path, value in _leaves(hydra_cfg):
+        if isinstance(value, str) and "${" in value:  # an interpolation: resolved in the logged config
+            _at(logged, path)
+        elif path != ("callbacks", "best_checkpoint", "monitor"):  # 'auto', resolved to the run's quality key
+            assert _at(logged, path) == value, path
+    assert logged["callbacks"]["best_checkpoint"]["monitor"] == "quality/kid"
+    assert logged["data"]["name"] == "mnist_bundled" and isinstance(logged["model"]["net"]["ngf"], int)
+    assert logged["seed"] == hydra_cfg["seed"] and "batch_size" not in logged and "" not in logged
+    # the checkpoint knows the W&B run to continue on a resume
+    last = torch.load(cpu_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["wandb_run_id"] == run_id(run_file(cpu_run))
 
 
 class ChartRecorder(WandbLogger):

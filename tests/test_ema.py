@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from ncsn import training
 from ncsn.app import instantiate, instantiate_group
 from ncsn.ema import EMA
+from ncsn.lightning_private import average_model
 from ncsn.sampling_app import generate, sample, to_uint8_hwc
 
 THREE_STEPS = [*TINY, "trainer.max_steps=3", "logger=none"]
@@ -114,10 +115,10 @@ def test_resume_continues_from_raw_weights_with_the_ema_state(ema_run, off_run, 
         """Records the module, the average and n_averaged when training (re)starts, after the restore."""
 
         def on_train_start(self, trainer, pl_module):
-            ema = next(c for c in trainer.callbacks if isinstance(c, WeightAveraging))
+            average = average_model(next(c for c in trainer.callbacks if isinstance(c, WeightAveraging)))
             seen["module"] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-            seen["average"] = {k: v.detach().clone() for k, v in ema._average_model.module.state_dict().items()}
-            seen["n_averaged"] = int(ema._average_model.n_averaged)
+            seen["average"] = {k: v.detach().clone() for k, v in average.module.state_dict().items()}
+            seen["n_averaged"] = int(average.n_averaged)
 
     build = training.build
 
@@ -235,7 +236,7 @@ class AverageOnAnotherDevice(L.Callback):
 
     def on_train_start(self, trainer, pl_module):
         ema = next(cb for cb in trainer.callbacks if isinstance(cb, EMA))
-        ema._average_model.module.to("meta")
+        average_model(ema).module.to("meta")
 
 
 def test_an_average_on_another_device_than_the_batches_skips_val_ema_with_one_line(tmp_path, monkeypatch, caplog):

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ncsn.ema import EMA
 from ncsn.errors import ConfigError
+from ncsn.lightning_private import average_model
 from ncsn.metrics import (
     FIDCallback,
     SmallFeatureNet,
@@ -321,7 +322,7 @@ def test_fid_callback_samples_the_ema_average_without_swapping_whatever_the_call
     cb = FIDCallback(every_n_steps=2, num_samples=16, num_real=16, batch_size=16, feature="small")
     ema = EMA(decay=1.0)
     _, model = fit([ema, cb] if ema_first else [cb, ema])
-    assert ema._average_model.module.sampled_with == pytest.approx([W_AFTER[1], W_AFTER[1]])
+    assert average_model(ema).module.sampled_with == pytest.approx([W_AFTER[1], W_AFTER[1]])
     assert model.sampled_with == []  # nothing was swapped into the module for sampling
     assert model.trained_with[2] == pytest.approx(W_AFTER[2])  # the step after a validation: still raw weights
 
@@ -332,7 +333,7 @@ def test_fid_callback_samples_the_raw_weights_before_the_ema_starts(ema_first):
     ema = EMA(decay=0.5, update_starting_at_step=1000)
     _, model = fit([ema, cb] if ema_first else [cb, ema])
     assert model.sampled_with == pytest.approx([W_AFTER[2], W_AFTER[4]])  # not the initial network's 0.3
-    assert ema._average_model.module.sampled_with == []
+    assert average_model(ema).module.sampled_with == []
 
 
 def test_fid_callback_rejects_bad_settings():

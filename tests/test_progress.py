@@ -187,7 +187,8 @@ class FixedTimer(Timer):
 ])
 def test_bar_total_and_eta_honour_max_time(left, total, eta, note):
     bar = StepProgressBar(interactive=False)
-    bar._trainer = SimpleNamespace(callbacks=[FixedTimer(left)], max_steps=4600, current_epoch=3, global_step=100)
+    bar.setup(SimpleNamespace(callbacks=[FixedTimer(left)], max_steps=4600, current_epoch=3, global_step=100,
+                              is_global_zero=True), None, "fit")
     tqdm_bar = _StepTqdm(total=4600, initial=0, file=io.StringIO(), bar_format=bar.BAR_FORMAT, unit="step")
     tqdm_bar._time = lambda: 10.0  # 10 s since the bar started at 0 (tqdm's clock)
     tqdm_bar.start_t = 0.0

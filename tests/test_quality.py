@@ -32,7 +32,7 @@ from ncsn.metrics import (
 )
 from ncsn.metrics.distances import KernelReference, kernel_distance
 from ncsn.metrics.quality import degenerate_mask, frechet_distance, gaussian_stats
-from ncsn.metrics.registry import primary_quality_key
+from ncsn.metrics.registry import PRIMARY_KEYS, primary_quality_key
 
 N = 256
 
@@ -341,16 +341,24 @@ def test_cifar_with_inception_weights_gives_kid(tmp_path, no_inception_weights, 
     fake_inception_weights(weights, monkeypatch)
     with caplog.at_level(logging.WARNING):
         metric = quality_metric_for(cifar(tmp_path), num_samples=4, device="cpu", inception_weights=weights)
-    assert isinstance(metric, InceptionQuality) and metric.name == "quality/kid"
-    assert primary_quality_key("cifar10", inception_weights=weights) == "quality/kid"
+    assert isinstance(metric, InceptionQuality) and metric.name == "quality/kid_inception"
+    assert primary_quality_key("cifar10", inception_weights=weights) == "quality/kid_inception"
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     result = metric(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
     check_result(metric, result)
-    assert set(result) == {"quality/kid", "quality/kid_std", "quality/kid_floor", "quality/fid"}
+    assert set(result) == {"quality/kid_inception", "quality/kid_inception_std", "quality/kid_inception_floor",
+                           "quality/fid"}
     assert all(math.isfinite(v) for v in result.values())
 
 
 # ---- which metric ------------------------------------------------------------------------------------------
+
+
+def test_each_kind_of_metric_has_its_own_primary_key():
+    """One key, one feature space and one unit: the digits' raw KID and the Inception's KID x1e3 never share a
+    dashboard panel."""
+    assert len(set(PRIMARY_KEYS.values())) == len(PRIMARY_KEYS)
+    assert PRIMARY_KEYS["digits"] == "quality/kid" and PRIMARY_KEYS["inception"] == "quality/kid_inception"
 
 
 def test_each_datamodule_gets_its_metric(tmp_path, no_inception_weights):

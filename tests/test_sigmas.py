@@ -12,11 +12,14 @@ import torch
 import ncsn.sigmas
 from ncsn.errors import ConfigError
 from ncsn.sigmas import (
+    SIGMA_BIN_EDGES,
     explicit_sigmas,
     geometric_sigmas,
     largest_pairwise_distance,
     linear_sigmas,
     num_scales_for_ratio,
+    sigma_bin_key,
+    sigma_bin_low,
     suggest_schedule,
     technique2_ratio,
     technique2_value,
@@ -146,3 +149,24 @@ def test_python_m_ncsn_sigmas_suggest_still_works(tmp_path):
     assert last.startswith("sigmas=geometric sigmas.sigma_max=") and "sampler.n_steps_each=5" in last
     bad = run([sys.executable, "-m", "ncsn.sigmas", "suggest", "data=imagenet"])
     assert bad.returncode == 2 and bad.stderr.startswith("error: unknown data 'imagenet'"), bad.stderr
+
+
+def test_sigma_bin_keys_sort_as_text_in_the_order_of_sigma():
+    """W&B sorts panels by key text: the bins must read 0.5-1, 1-2, 2-5, 10-20 in that order (not 1-2, 10-20,
+    2-5)."""
+    sigmas = geometric_sigmas(2000.0, 0.0001, 300).tolist()
+    keys = sorted({sigma_bin_key(s) for s in sigmas})
+    assert len(keys) == len(SIGMA_BIN_EDGES) + 1  # every bin, the two open-ended ones included
+    assert keys == sorted(keys, key=sigma_bin_low)
+    assert keys[0] == "val/loss_sigma_bin/0000.000-0000.001" and keys[-1] == "val/loss_sigma_bin/1000.000-inf"
+    assert sigma_bin_key(1.5) == "val/loss_sigma_bin/0001.000-0002.000"
+    assert sigma_bin_key(torch.tensor(0.01).item()) == "val/loss_sigma_bin/0000.010-0000.020"  # float32 0.01
+    assert [sigma_bin_low(k) for k in keys[:3]] == [0.0, 0.001, 0.002]
+
+
+def test_the_command_line_block_is_the_end_of_the_module():
+    """Nothing is defined after ``if __name__ == "__main__"`` (a reader stops there)."""
+    tree = ast.parse(Path(ncsn.sigmas.__file__).read_text())
+    last = tree.body[-1]
+    assert isinstance(last, ast.If) and ast.unparse(last.test) == "__name__ == '__main__'"
+    assert sum(isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) for node in tree.body) == 1

@@ -286,13 +286,13 @@ def test_the_optimized_metric_comes_from_the_config_not_from_what_was_logged(tmp
                                                           "inception_weights": "${paths.inception_weights}"}}})
     assert resolve_optimized_metric(cfg) == "quality/kid_pixels"  # no weights: the pixel KID, decided up front
     cfg.paths.inception_weights = str(tmp_path / "weights.pth")
-    assert run_quality_key(cfg) == "quality/kid"
+    assert run_quality_key(cfg) == "quality/kid_inception"
     cfg.data = {"_target_": "ncsn.data.ImageDataModule", "name": "mnist_bundled"}
     assert resolve_optimized_metric(cfg) == "quality/kid"
     cfg.callbacks.sample_grid.quality = False
     assert resolve_optimized_metric(cfg) == "val/loss"
-    cfg.optimized_metric = "val/loss_sigma_bin/1-2"
-    assert resolve_optimized_metric(cfg) == "val/loss_sigma_bin/1-2"
+    cfg.optimized_metric = "val/loss_sigma_bin/0001.000-0002.000"
+    assert resolve_optimized_metric(cfg) == "val/loss_sigma_bin/0001.000-0002.000"
 
 
 def test_a_failed_sweep_job_returns_no_number(hydra_job):

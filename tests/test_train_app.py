@@ -95,7 +95,8 @@ def test_short_run_writes_checkpoints_grid_wandb_image_config_and_metrics(traine
     record = json.loads((trained_run / "metrics.json").read_text())
     assert record["global_step"] == 4
     assert {k for k in record["metrics"] if k.startswith("val/loss_sigma")} == {  # the fixed σ bins of 1 -> 0.01
-        f"val/loss_sigma_bin/{b}" for b in ("1-2", "0.5-1", "0.2-0.5", "0.1-0.2", "0.05-0.1", "0.02-0.05", "0.01-0.02")}
+        f"val/loss_sigma_bin/{lo:08.3f}-{hi:08.3f}"
+        for lo, hi in ((1, 2), (0.5, 1), (0.2, 0.5), (0.1, 0.2), (0.05, 0.1), (0.02, 0.05), (0.01, 0.02))}
     info = json.loads((ckpt_dir / "run_info.json").read_text())
     assert info["torch"] == torch.__version__ and info["ncsn"]
     ckpt = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)

@@ -55,5 +55,5 @@ def test_per_sigma_keys_are_fixed_sigma_bins(tmp_path):
         metrics = validate(tmp_path, 1, num_scales)[0]["metrics"]
         keys.append({k for k in metrics if k.startswith("val/loss_sigma")})
     assert keys[0] == keys[1] == {sigma_bin_key(s) for s in geometric_sigmas(1.0, 0.01, 10).tolist()}
-    assert "val/loss_sigma_bin/0.01-0.02" in keys[0] and "val/loss_sigma_bin/1-2" in keys[0]
+    assert "val/loss_sigma_bin/0000.010-0000.020" in keys[0] and "val/loss_sigma_bin/0001.000-0002.000" in keys[0]
     assert not any(k.startswith(("val/loss_band_", "val/loss_sigma_0")) for k in keys[0])

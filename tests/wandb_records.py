@@ -59,3 +59,32 @@ def run_file(run_dir: Path) -> Path:
     files = sorted(Path(run_dir).glob("**/wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 1, files
     return files[0]
+
+
+def config(path: Path) -> dict:
+    """The run's config as W&B keeps it: every config record's updates (a nested key such as W&B's own
+    ``_wandb.visualize.<chart>`` comes with an empty ``key`` and a ``nested_key`` path) and removals, in order."""
+    out: dict = {}
+    for record in records(path):
+        kind = record.WhichOneof("record_type")
+        if kind not in ("config", "run"):
+            continue
+        cfg = record.config if kind == "config" else record.run.config
+        for item in cfg.update:
+            keys = [item.key] if item.key else list(item.nested_key)
+            node = out
+            for key in keys[:-1]:
+                node = node.setdefault(key, {})
+            node[keys[-1]] = json.loads(item.value_json)
+        for item in cfg.remove:
+            keys = [item.key] if item.key else list(item.nested_key)
+            node = out
+            for key in keys[:-1]:
+                node = node.get(key, {})
+            node.pop(keys[-1], None)
+    return out
+
+
+def run_id(path: Path) -> str:
+    """The W&B run id recorded in the run file."""
+    return next(r.run.run_id for r in records(path) if r.WhichOneof("record_type") == "run")

@@ -15,19 +15,34 @@ import hydra
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from ncsn.errors import UserError, one_line
+from ncsn.errors import ConfigError, UserError
+from ncsn.errors import one_line as error_message
 
 log = logging.getLogger("ncsn")
 
 EXIT_USER_ERROR = 2
 
 
+def one_line(text: str) -> str:
+    """A message's lines joined into one."""
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
 def _user_error_in(exc: BaseException) -> UserError | None:
-    """The UserError that caused ``exc`` (Hydra wraps errors raised inside ``instantiate``)."""
+    """The UserError that caused ``exc`` (Hydra wraps errors raised inside ``instantiate``). Lightning's
+    ``MisconfigurationException`` (its error for a setting it rejects, e.g. ``trainer.val_check_interval=0`` at
+    the start of fit) counts as one."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from omegaconf.errors import InterpolationResolutionError
+
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, UserError):
             return exc
+        if isinstance(exc, MisconfigurationException):
+            return ConfigError(f"{one_line(exc)} (Lightning rejected a trainer or callbacks setting)")
+        if isinstance(exc, InterpolationResolutionError):  # data.batch_size=${nope}
+            return ConfigError(f"a ${{...}} value of the config cannot be resolved: {one_line(exc)}")
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
@@ -46,7 +61,7 @@ def user_errors_exit(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig]
         except Exception as exc:
             user_error = _user_error_in(exc)
             if user_error is not None:
-                line = one_line(user_error)
+                line = one_line(error_message(user_error))
             else:  # the last non-empty line names the cause (for a crashed ddp_spawn child, the child's error)
                 text_lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
                 line = f"{type(exc).__name__}: {text_lines[-1] if text_lines else ''}"
@@ -89,7 +104,9 @@ def record_failure(cfg: DictConfig, line: str) -> None:
 
 
 def instantiate(cfg: DictConfig | dict | None, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` that re-raises a UserError from inside the call as itself."""
+    """``hydra.utils.instantiate`` that re-raises a UserError from inside the call as itself. Any other error of
+    the object's constructor (Lightning's ``Trainer(devices=0)``, torch's ``DataLoader(num_workers=-1)``) was
+    caused by the config's values: a ConfigError naming the config entry (``trainer: ...``)."""
     if cfg is None:
         return None
     try:
@@ -98,7 +115,13 @@ def instantiate(cfg: DictConfig | dict | None, **kwargs: Any) -> Any:
         user_error = _user_error_in(exc)
         if user_error is not None:
             raise user_error from exc
-        raise
+        cause = exc.__cause__ or exc.__context__
+        if cause is None:
+            raise
+        key = re.search(r"full_key: (\S+)", str(exc))
+        where = key.group(1) if key else "config"
+        raise ConfigError(f"{where}: {type(cause).__name__}: {one_line(cause)}; fix the {where} settings"
+                          ) from exc
 
 
 def instantiate_group(cfg: DictConfig | None) -> list[Any]:
@@ -176,11 +199,12 @@ def wandb_logger(**kwargs: Any):
     included, although no one set it."""
     from lightning.pytorch.loggers import WandbLogger
 
+    from ncsn.lightning_private import drop_unset_wandb_init_setting
+
     logger = WandbLogger(**kwargs)
-    # Private, and no public way exists: WandbLogger always puts the key in the kwargs it keeps for wandb.init, and
-    # wandb reports it with termwarn, which no warnings filter reaches. Pinned by tests/test_train_app.py.
-    if logger._wandb_init.get("anonymous") is None:
-        logger._wandb_init.pop("anonymous", None)
+    # No public way exists: WandbLogger always puts the key in the kwargs it keeps for wandb.init, and wandb
+    # reports it with termwarn, which no warnings filter reaches. Pinned by tests/test_train_app.py.
+    drop_unset_wandb_init_setting(logger, "anonymous")
     return logger
 
 
@@ -209,13 +233,52 @@ def _holds_a_run(path) -> bool:
     return any(p.glob("checkpoints/*.ckpt")) or (p / "samples.png").exists() or (p / "metrics.json").exists()
 
 
-def precheck_command_line(conf_dir, argv: list[str]) -> None:
+def check_overrides(conf_dir, config_name: str, argv: list[str]) -> None:
+    """Compose ``config_name`` with the command line's overrides as Hydra will, so that a misspelt setting
+    (``trainer.max_stepz=3``), a setting of a part that is switched off, or an argument that is not ``key=value``
+    is one line instead of Hydra's report. Skipped for Hydra's own flags (``-m`` sweeps, ``--cfg``): Hydra
+    parses those itself."""
+    if any(arg.startswith("-") for arg in argv):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    overrides = [arg for arg in argv if not arg.lstrip("+~").startswith("hydra")]  # Hydra's own settings
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            compose(config_name=config_name, overrides=overrides)
+    except HydraException as exc:
+        raise UserError(override_error(str(exc), config_name)) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def override_error(message: str, config_name: str) -> str:
+    """Hydra's composition error as one line that says what to do."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    unknown = re.match(r"Could not override '([^']+)'", lines[0])
+    if unknown:
+        new = re.search(r"use \+(\S+)", message)
+        return (f"'{unknown.group(1)}' is not a setting of this config (misspelt, or its part is switched off); "
+                f"`python {config_name}.py --cfg job` lists them"
+                + (f", and +{new.group(1)} adds a new one" if new else ""))
+    parse = re.match(r"Error parsing override '([^']+)'", lines[0])
+    if parse:
+        return f"cannot read the argument '{parse.group(1)}' ({lines[1]}); write key=value"
+    return one_line(" ".join(line for line in lines if not line.startswith(("See https", "Config search"))))
+
+
+def precheck_command_line(conf_dir, argv: list[str], config_name: str | None = None) -> None:
     """Catch, before Hydra composes anything or creates a directory, the command-line mistakes Hydra would
     report in many lines or act on destructively:
 
     * an unknown option of a config group (``data=foo``, ``experiment=bar``): one line listing the valid ones;
-    * ``hydra.run.dir`` pointing at an earlier run (never overwritten; resume it with ``auto_resume=true`` or
-      ``ckpt_path=`` inside it) or somewhere that cannot be written;
+    * with ``config_name``, any override Hydra cannot apply (:func:`check_overrides`);
+    * ``hydra.run.dir`` pointing at an earlier run (never overwritten; a training run is resumed with
+      ``auto_resume=true`` or ``ckpt_path=`` inside it: only ``train`` may use a run's own dir) or somewhere that
+      cannot be written;
     * a checkpoint (``ckpt_path=``, or ``auto_resume=true``'s last.ckpt in ``hydra.run.dir``) that holds objects
       whose loading would run code, unless ``trust_checkpoint=true`` (the loaders refuse it too; here the
       refusal comes before Hydra creates the run dir).
@@ -240,15 +303,17 @@ def precheck_command_line(conf_dir, argv: list[str]) -> None:
             option = option.strip()
             if option and option != "null" and option not in options:
                 raise UserError(f"unknown {key} '{option}'; choose one of: {', '.join(options)}")
+    if config_name is not None:
+        check_overrides(conf_dir, config_name, argv)
     run_dir = values.get("hydra.run.dir")
     if run_dir:
-        resuming = values.get("auto_resume", "false").lower() == "true" or (
+        resuming = config_name in (None, "train") and (values.get("auto_resume", "false").lower() == "true" or (
             values.get("ckpt_path") and Path(values["ckpt_path"]).absolute().is_relative_to(Path(run_dir).absolute())
-        )
+        ))
         if Path(run_dir).exists() and _holds_a_run(run_dir) and not resuming:
             raise UserError(
-                f"output dir '{run_dir}' already holds a run and is never overwritten; choose a new hydra.run.dir "
-                "or resume that run with auto_resume=true"
+                f"output dir '{run_dir}' already holds a run and is never overwritten; choose a new hydra.run.dir"
+                + (" or resume that run with auto_resume=true" if config_name in (None, "train") else "")
             )
         _check_writable(run_dir, "output dir")
     else:
@@ -326,9 +391,11 @@ def pick_default_experiment() -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def run_entry_point(main: Callable[[], Any], conf_dir, argv: list[str], pick_experiment: bool = False) -> None:
+def run_entry_point(main: Callable[[], Any], conf_dir, argv: list[str], pick_experiment: bool = False,
+                    config_name: str | None = None) -> None:
     """Pre-check the command line (one clear line and exit 2 on a mistake), then run the Hydra main.
-    ``pick_experiment``: choose the GPU or CPU recipe when no experiment is given (train.py)."""
+    ``pick_experiment``: choose the GPU or CPU recipe when no experiment is given (train.py); ``config_name``:
+    the entry's config (``train``, ``sample``), to check the overrides against it."""
     if os.environ.get("LOCAL_RANK", "0") != "0":  # a DDP child re-launched by Lightning: already checked
         quiet_console()
         main()
@@ -337,7 +404,7 @@ def run_entry_point(main: Callable[[], Any], conf_dir, argv: list[str], pick_exp
         pick_default_experiment()
         argv = sys.argv[1:]
     try:
-        precheck_command_line(conf_dir, argv)
+        precheck_command_line(conf_dir, argv, config_name)
     except UserError as exc:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

@@ -15,6 +15,8 @@ import logging
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from ncsn.lightning_private import monitor_candidates, save_top_k, should_skip_saving
+
 __all__ = ["BestQualityCheckpoint"]
 
 log = logging.getLogger("ncsn")
@@ -52,10 +54,11 @@ class BestQualityCheckpoint(ModelCheckpoint):
         scored_now = [values for values in passes if values["step"] == trainer.global_step]
         if not scored_now or not self._logged_by(trainer, scored_now):
             return
-        if self.monitor not in trainer.callback_metrics or self._should_skip_saving_checkpoint(trainer):
+        if self.monitor not in trainer.callback_metrics or should_skip_saving(self, trainer):
             return
-        self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
-        if self._last_global_step_saved == trainer.global_step:
+        before = self.best_model_score
+        save_top_k(self, trainer, monitor_candidates(self, trainer))
+        if self.best_model_score is not before:  # saved: an improvement stores the new value (a new tensor)
             self.best_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -15,6 +15,7 @@ from torchvision.utils import make_grid, save_image
 
 from ncsn.data.transforms import to_image_range
 from ncsn.ema import sampling_module
+from ncsn.lightning_private import publish_callback_metrics
 from ncsn.samplers import describe_sampler
 
 log = logging.getLogger("ncsn")
@@ -35,6 +36,22 @@ def scatter_image(points: torch.Tensor, size: int = 256, extent: float = 10.0) -
     ij = ij[keep]
     img[0, size - 1 - ij[:, 1], ij[:, 0]] = 0.0
     return img
+
+
+def check_grid_settings(every_n_steps: int, num_samples: int, grid_size: int | None, quality: bool) -> None:
+    """The sample grid's counts, each named as the user sets it (``callbacks.sample_grid.*``)."""
+    from ncsn.errors import ConfigError
+
+    key = "callbacks.sample_grid"
+    least = 2 if quality else 1
+    if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < least:
+        why = " with the quality pass on (or set callbacks.sample_grid.quality=false)" if quality else ""
+        raise ConfigError(f"{key}.num_samples must be a whole number >= {least}{why} (got {num_samples})")
+    if isinstance(every_n_steps, bool) or int(every_n_steps) != every_n_steps or every_n_steps < 0:
+        raise ConfigError(f"{key}.every_n_steps must be a whole number >= 0 (0: only at the end; got "
+                          f"{every_n_steps})")
+    if grid_size is not None and (isinstance(grid_size, bool) or int(grid_size) != grid_size or grid_size < 1):
+        raise ConfigError(f"{key}.grid_size must be a whole number >= 1 or null (all samples; got {grid_size})")
 
 
 class SampleGridCallback(L.Callback):
@@ -70,6 +87,7 @@ class SampleGridCallback(L.Callback):
         quality: bool = True,
         inception_weights: str | None = None,
     ) -> None:
+        check_grid_settings(every_n_steps, num_samples, grid_size, quality)
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.seed = seed
@@ -144,7 +162,7 @@ class SampleGridCallback(L.Callback):
             values = trainer.strategy.broadcast(values, src=0)
         if values:
             self.quality_history.append({"step": step, **values})
-            trainer.callback_metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()})
+            publish_callback_metrics(trainer, values)
         return path
 
     def _sample_and_score(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int):

@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ncsn.errors import CheckpointError, ConfigError
+from ncsn.lightning_private import monitor_candidates, save_last, save_top_k, should_skip_saving
 
 log = logging.getLogger("ncsn")
 
@@ -177,7 +178,7 @@ class FinalStepCheckpoint(ModelCheckpoint):
     Lightning refreshes ``last.ckpt`` only at its periodic saves (and at the end only when nothing was saved at
     all), so a run that stops between two (``max_time``, ``max_steps`` not a multiple of
     ``every_n_train_steps``) would keep older weights there. At the end of training this saves it once more
-    through ModelCheckpoint's own path (``_save_last_checkpoint``), so ``last_model_path``, the loggers'
+    through ModelCheckpoint's own path (``lightning_private.save_last``), so ``last_model_path``, the loggers'
     ``after_save_checkpoint`` (W&B ``log_model``), ``save_weights_only`` and ``save_last="link"`` behave as at a
     periodic save; with ``link``, the final step is first saved as a regular (top-k) checkpoint for ``last`` to
     link to (with a ``monitor``, as at a periodic save, last links to the newest top-k file). It runs in the training processes (under ``ddp_spawn`` the launching process has neither the final
@@ -186,12 +187,12 @@ class FinalStepCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer, pl_module) -> None:
         super().on_train_end(trainer, pl_module)  # Lightning's: saves last only when nothing was saved yet
-        if not self.save_last or self._should_skip_saving_checkpoint(trainer):  # e.g. saved at this step already
+        if not self.save_last or should_skip_saving(self, trainer):  # e.g. saved at this step already
             return
-        candidates = self._monitor_candidates(trainer)
+        candidates = monitor_candidates(self, trainer)
         if self.save_last == "link":
-            self._save_topk_checkpoint(trainer, candidates)  # the file that last.ckpt links to
-        self._save_last_checkpoint(trainer, candidates)
+            save_top_k(self, trainer, candidates)  # the file that last.ckpt links to
+        save_last(self, trainer, candidates)
 
 
 def check_checkpoint_matches(model: torch.nn.Module, ckpt: dict[str, Any], path: str | Path) -> None:

@@ -30,7 +30,6 @@ place, so an existing file is never overwritten and a killed run leaves no parti
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections import OrderedDict
@@ -58,37 +57,6 @@ USAGE = ("usage: python -m ncsn.convert SRC experiment=NAME [out=PATH] [step=N] 
          "[Hydra overrides ...]")
 
 
-# ---------------------------------------------------------------------------------------------- loops
-def loops_state(step: int, epoch: int) -> dict[str, Any]:
-    """Lightning's loop counters for a run that has taken ``step`` optimizer steps and finished ``epoch``
-    epochs, at an epoch boundary: ``Trainer.fit(ckpt_path=...)`` continues at global step ``step`` with a
-    fresh pass over the data (epoch index ``epoch``)."""
-    import lightning as L
-
-    silenced = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
-    levels = [logger.level for logger in silenced]
-    for logger in silenced:
-        logger.setLevel(logging.ERROR)
-    try:
-        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False)
-    finally:
-        for logger, level in zip(silenced, levels, strict=True):
-            logger.setLevel(level)
-    epoch_loop = trainer.fit_loop.epoch_loop
-    optimizer_progress = epoch_loop.automatic_optimization.optim_progress.optimizer
-    optimizer_progress.step.total.ready = optimizer_progress.step.total.completed = step
-    zero_grad = optimizer_progress.zero_grad.total
-    zero_grad.ready = zero_grad.started = zero_grad.completed = step
-    batches = epoch_loop.batch_progress.total
-    batches.ready = batches.started = batches.processed = batches.completed = step
-    epoch_loop._batches_that_stepped = step
-    for counters in (trainer.fit_loop.epoch_progress.total, trainer.fit_loop.epoch_progress.current):
-        counters.ready = counters.started = counters.processed = counters.completed = epoch
-    return {"fit_loop": trainer.fit_loop.state_dict(), "validate_loop": trainer.validate_loop.state_dict(),
-            "test_loop": trainer.test_loop.state_dict(), "predict_loop": trainer.predict_loop.state_dict()}
-
-
 # ---------------------------------------------------------------------------------------------- config
 def compose_train_config(overrides: list[str], output_dir: Path):
     """conf/train.yaml composed with ``overrides`` (Hydra's compose API, as the tests do)."""
@@ -106,7 +74,9 @@ def compose_train_config(overrides: list[str], output_dir: Path):
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3", job_name="convert"):
             return compose(config_name="train", overrides=[f"paths.output_dir={output_dir}", *overrides])
     except Exception as exc:  # a bad override is the user's: one line
-        raise UserError(f"cannot compose the config: {str(exc).splitlines()[0]}") from exc
+        from ncsn.app import override_error
+
+        raise UserError(override_error(str(exc), "train")) from exc
 
 
 def experiment_of(overrides: list[str]) -> str:
@@ -129,6 +99,7 @@ def build_checkpoint(official: OfficialCheckpoint, cfg, *, experiment: str, step
     from omegaconf import OmegaConf
 
     from ncsn.app import instantiate
+    from ncsn.lightning_private import loop_state_at
 
     notes = list(official.notes)
     model = instantiate(cfg.model)
@@ -196,7 +167,7 @@ def build_checkpoint(official: OfficialCheckpoint, cfg, *, experiment: str, step
         "global_step": step,
         "pytorch-lightning_version": L.__version__,
         "state_dict": averaged,
-        "loops": loops_state(step, epoch),
+        "loops": loop_state_at(step, epoch),
         "callbacks": callbacks,
         "optimizer_states": [optimizer_state],
         "lr_schedulers": lr_schedulers,

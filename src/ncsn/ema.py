@@ -34,6 +34,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 
+from ncsn.errors import ConfigError
+from ncsn.lightning_private import average_model
+
 log = logging.getLogger("ncsn")
 
 
@@ -51,7 +54,7 @@ def ema_update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_av
 
 def ema_started(callback: WeightAveraging) -> bool:
     """Whether the callback's average holds at least one update (before that it is the initial network)."""
-    average = callback._average_model
+    average = average_model(callback)
     return average is not None and int(average.n_averaged) > 0
 
 
@@ -99,7 +102,7 @@ def averaged_module(trainer: L.Trainer, pl_module: L.LightningModule) -> L.Light
     Never swaps weights: ``pl_module`` keeps the raw ones."""
     callback = weight_averaging(trainer)
     if callback is not None and ema_started(callback):
-        return callback._average_model.module
+        return average_model(callback).module
     return pl_module
 
 
@@ -122,9 +125,10 @@ class EMA(WeightAveraging):
                  update_starting_at_step: int | None = None, device: Any = None, use_buffers: bool = True,
                  validate: bool = True) -> None:
         if not 0.0 <= float(decay) <= 1.0:
-            from ncsn.errors import ConfigError
-
             raise ConfigError(f"callbacks.ema.decay must be in [0, 1] (got {decay})")
+        if int(update_every_n_steps) != update_every_n_steps or update_every_n_steps < 1:
+            raise ConfigError(f"callbacks.ema.update_every_n_steps must be a whole number >= 1 (got "
+                              f"{update_every_n_steps})")
         super().__init__(device=device, use_buffers=use_buffers,
                          multi_avg_fn=functools.partial(ema_update, decay=float(decay)))
         self.decay = float(decay)
@@ -150,7 +154,7 @@ class EMA(WeightAveraging):
         self._val_sum = self._val_count = None
         if not (self.validate and ema_started(self) and hasattr(pl_module, "validation_loss")):
             return
-        where = next(self._average_model.module.parameters()).device
+        where = next(average_model(self).module.parameters()).device
         if where != pl_module.device:
             if trainer.is_global_zero and not self._said_elsewhere:
                 log.info("val_ema/loss is not computed: the EMA average lives on %s (callbacks.ema.device), the "
@@ -165,7 +169,7 @@ class EMA(WeightAveraging):
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         if self._val_sum is None:
             return
-        average = self._average_model.module
+        average = average_model(self).module
         was_training = average.training
         average.eval()
         out = pl_module.validation_loss(batch, batch_idx, model=average)  # the module's data and noise
@@ -185,5 +189,5 @@ class EMA(WeightAveraging):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
                            ) -> None:
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
-        if self._average_model is not None and not ema_started(self):
+        if average_model(self) is not None and not ema_started(self):
             checkpoint["state_dict"] = checkpoint["current_model_state"]

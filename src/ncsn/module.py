@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from ncsn.diagnostics import grad_norm, health_metrics
 from ncsn.errors import ConfigError, UserError
+from ncsn.lightning_private import attached_trainer
 from ncsn.losses import LossOutput, dsm_loss, indexed_normal, level_probabilities, sliced_score_matching_loss
 from ncsn.nets import noise_input, score_function
 from ncsn.perf import PerfRuntime, PerfSettings, graphed_sample, optimizer_kwargs, parameter_token
@@ -39,6 +41,17 @@ class NonFiniteLossError(UserError, RuntimeError):
 
 #: how training draws σ (``sigma_draw``)
 SIGMA_DRAWS = ("levels", "log_uniform")
+
+
+def check_optimizer(factory: Callable[..., torch.optim.Optimizer] | None) -> None:
+    """Build the configured optimizer once on a dummy parameter, so that a bad setting (a negative learning rate,
+    betas outside [0, 1)) is one line now instead of an error after the run has started."""
+    if factory is None:
+        return
+    try:
+        factory([nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"model.optimizer: {exc}; fix the model.optimizer settings") from exc
 
 
 class ScoreModel(L.LightningModule):
@@ -99,6 +112,9 @@ class ScoreModel(L.LightningModule):
             raise ConfigError(f"unknown loss '{loss}'; choose one of {sorted(LOSSES)}")
         if nonfinite not in ("raise", "skip"):
             raise ConfigError(f"model.nonfinite must be 'raise' or 'skip' (got '{nonfinite}')")
+        if not math.isfinite(float(weight_power)):
+            raise ConfigError(f"model.weight_power must be a finite number (got {weight_power})")
+        check_optimizer(optimizer)
         self.net = net
         self.register_buffer("sigmas", validate_sigmas(torch.as_tensor(sigmas, dtype=torch.float32)))
         self.data_shape = tuple(int(d) for d in data_shape)
@@ -172,7 +188,7 @@ class ScoreModel(L.LightningModule):
     def setup(self, stage: str) -> None:
         # Prepare the network (channels_last, fp32 norms, compile) for the device the Trainer will use, before
         # the optimizer is built and a checkpoint restored. Sampling without a Trainer prepares lazily.
-        if self._trainer is not None:
+        if attached_trainer(self) is not None:
             self._fast_forward(self.trainer.strategy.root_device)
 
     def compute_loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> LossOutput:
@@ -191,7 +207,7 @@ class ScoreModel(L.LightningModule):
         """Whether the loggers read this step's metrics: per-step diagnostics are only computed and logged then.
         Lightning's rule for the fit loop (its private ``LoggerConnector.should_update_logs``) from public trainer
         state: the (global_step + 1)-th step is a multiple of ``log_every_n_steps``, or training stops here."""
-        if self._trainer is None:
+        if attached_trainer(self) is None:
             return True
         every = self.trainer.log_every_n_steps
         return every > 0 and ((self.trainer.global_step + 1) % every == 0 or self.trainer.should_stop)
@@ -249,7 +265,7 @@ class ScoreModel(L.LightningModule):
     def _validation_batches(self) -> list[list[int]] | None:
         """The validation set indices of each batch this process loads (its dataloader's batch sampler, with
         Lightning's DistributedSampler under DDP); None without a trainer or a batch sampler."""
-        if self._trainer is None:
+        if attached_trainer(self) is None:
             return None
         loaders = self.trainer.val_dataloaders
         loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
@@ -333,7 +349,7 @@ class ScoreModel(L.LightningModule):
         EMA callback attached, that callback restores both itself."""
         from ncsn.ema import weight_averaging
 
-        if "current_model_state" not in checkpoint or self._trainer is None:
+        if "current_model_state" not in checkpoint or attached_trainer(self) is None:
             return
         if weight_averaging(self.trainer) is not None:
             return

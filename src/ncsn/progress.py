@@ -16,6 +16,8 @@ from typing import Any, TextIO
 from lightning.pytorch.callbacks import Timer, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
+from ncsn.lightning_private import attached_trainer
+
 
 def _is_tty(stream: Any) -> bool:
     try:
@@ -127,7 +129,7 @@ class StepProgressBar(TQDMProgressBar):
         return _is_tty(sys.stdout) if self._interactive_setting is None else self._interactive_setting
 
     def _by_step(self) -> bool:
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         return trainer is not None and trainer.max_steps is not None and trainer.max_steps > 0
 
     def _file(self) -> Any:

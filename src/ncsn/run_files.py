@@ -47,7 +47,7 @@ class RunRecordCallback(L.Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint["ncsn_config"] = self.config
         for logger in trainer.loggers:  # lets a resumed run continue the same W&B run
-            if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
+            if isinstance(logger, WandbLogger) and logger.version is not None:  # its run's id (or the resumed one)
                 checkpoint["wandb_run_id"] = logger.version
 
 

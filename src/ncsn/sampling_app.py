@@ -44,6 +44,7 @@ from ncsn.samplers import describe_sampler, inpaint
 log = logging.getLogger("ncsn")
 
 MODES = ("generate", "trajectory", "inpaint", "nn", "fid")
+MASKS = ("right_half", "centre_square", "random")
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -170,7 +171,7 @@ def make_mask(kind: str, shape: tuple[int, ...], *, square: int = 0, keep: float
     elif kind == "random":
         mask = (torch.rand(n, 1, h, w, generator=generator) < keep).float()
     else:
-        raise ConfigError(f"unknown inpaint.mask '{kind}'; choose right_half, centre_square or random")
+        raise ConfigError(f"unknown inpaint.mask '{kind}'; choose one of {', '.join(MASKS)}")
     return mask
 
 
@@ -183,7 +184,7 @@ def _datamodule(run_cfg: DictConfig, cfg: DictConfig):
     return dm
 
 
-def _first_images(loader, n: int) -> torch.Tensor:
+def _first_images(loader, n: int, setting: str) -> torch.Tensor:
     out, count = [], 0
     for batch in loader:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
@@ -193,7 +194,8 @@ def _first_images(loader, n: int) -> torch.Tensor:
             break
     images = torch.cat(out)[:n]
     if images.shape[0] < n:
-        raise ConfigError(f"asked for {n} images but the data has only {images.shape[0]}; ask for fewer")
+        raise ConfigError(f"{setting}={n} asks for more images than the data's validation split has "
+                          f"({images.shape[0]}); set {setting}={images.shape[0]} or fewer")
     return images
 
 
@@ -201,7 +203,7 @@ def run_inpaint(model, cfg, out: Path, overrides: dict, run_cfg: DictConfig) -> 
     settings = model.sampling_settings(**overrides)
     dm = _datamodule(run_cfg, cfg)
     n, k = int(cfg.inpaint.num), int(cfg.inpaint.num_completions)
-    images = _first_images(dm.val_dataloader(), n).to(model.device)
+    images = _first_images(dm.val_dataloader(), n, "inpaint.num").to(model.device)
     generator = torch.Generator(device=model.device).manual_seed(cfg.seed)
     mask = make_mask(cfg.inpaint.mask, tuple(images.shape), square=int(cfg.inpaint.square),
                      generator=torch.Generator().manual_seed(cfg.seed)).to(model.device)
@@ -247,8 +249,8 @@ def run_fid(model, cfg, out: Path, overrides: dict, run_cfg: DictConfig) -> dict
     from ncsn.metrics import compute_image_metrics, feature_from_config
 
     dm = _datamodule(run_cfg, cfg)
+    real = _first_images(dm.val_dataloader(), int(cfg.fid.num_real), "fid.num_real")  # before the long sampling
     samples = generate(model, cfg.num_samples, cfg.batch_size, cfg.seed, overrides, progress=cfg.progress)
-    real = _first_images(dm.val_dataloader(), int(cfg.fid.num_real))
     feature = feature_from_config(cfg.fid)
     result = compute_image_metrics(real, samples.clamp(0, 1), feature=feature, batch_size=cfg.batch_size,
                                    device=model.device, inception_score=bool(cfg.fid.inception_score),
@@ -267,16 +269,44 @@ def run_fid(model, cfg, out: Path, overrides: dict, run_cfg: DictConfig) -> dict
 
 
 # ---------------------------------------------------------------------------------------------- entry
-def sample(cfg: DictConfig) -> dict[str, Any]:
-    """Run one ``sample.py`` invocation; returns the files written."""
+#: the counts sample.py reads, with their least value (the mode that reads them; None: every mode)
+COUNTS = {"num_samples": (1, None), "batch_size": (1, None), "grid_max": (1, None), "nrow": (1, None),
+          "trajectory.num": (1, "trajectory"), "trajectory.every": (1, "trajectory"),
+          "inpaint.num": (1, "inpaint"), "inpaint.num_completions": (1, "inpaint"), "inpaint.square": (0, "inpaint"),
+          "nn.num": (1, "nn"), "nn.k": (1, "nn"), "fid.num_real": (2, "fid")}
+SWITCHES = ("use_ema", "progress", "save_individual", "trajectory.gif", "fid.inception_score",
+            "fid.allow_download")
+
+
+def check_sample_config(cfg: DictConfig) -> None:
+    """Every setting sample.py reads, checked before anything is loaded or written (one line each)."""
     if cfg.mode not in MODES:
         raise ConfigError(f"unknown mode '{cfg.mode}'; choose one of {', '.join(MODES)}")
-    if int(cfg.num_samples) <= 0:
-        raise ConfigError(f"num_samples must be > 0 (got {cfg.num_samples})")
-    if int(cfg.batch_size) <= 0:
-        raise ConfigError(f"batch_size must be > 0 (got {cfg.batch_size})")
+    if cfg.mode == "inpaint":
+        make_mask(cfg.inpaint.mask, (1, 1, 2, 2))  # an unknown mask: one line now
+    for key, (least, mode) in COUNTS.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None or (mode is not None and cfg.mode != mode):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"{key} must be a whole number >= {least} (got {value!r})")
+    for key in SWITCHES:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false (got {value!r})")
+    seed = cfg.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ConfigError(f"seed must be a whole number or null (got {seed!r})")
+    if cfg.get("data_dir") and not Path(str(cfg.data_dir)).is_dir():
+        raise ConfigError(f"data_dir '{cfg.data_dir}' is not a directory; pass the dir that holds the run's data "
+                          "(or leave data_dir unset for the run's own)")
     if not cfg.get("ckpt_path"):
         raise CheckpointError("no checkpoint given; pass ckpt_path=<run dir>/checkpoints/last.ckpt")
+
+
+def sample(cfg: DictConfig) -> dict[str, Any]:
+    """Run one ``sample.py`` invocation; returns the files written."""
+    check_sample_config(cfg)
     device = pick_device(str(cfg.device))
     if cfg.seed is not None:
         torch.manual_seed(int(cfg.seed))
@@ -289,8 +319,6 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     log.info("Sampling (%s) from %s into %s on %s", cfg.mode, cfg.ckpt_path, out.resolve(), device)
     log.info("sampler %s: %d network evaluations per sample (NFE)", describe_sampler(settings), plan.nfe)
-    record = {"sampler": settings, "nfe": plan.nfe, "num_levels": model.num_scales}
-    (out / "sampler.json").write_text(json.dumps(record, indent=2) + "\n")
     if cfg.mode == "generate":
         files = run_generate(model, cfg, out, overrides)
     elif cfg.mode == "trajectory":
@@ -301,6 +329,9 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         files = run_nn(model, cfg, out, overrides, run_cfg)
     else:
         files = run_fid(model, cfg, out, overrides, run_cfg)
+    record = {"sampler": settings, "nfe": plan.nfe, "num_levels": model.num_scales}
+    (out / "sampler.json").write_text(json.dumps(record, indent=2) + "\n")  # last: a failed run leaves none
+    files["sampler"] = out / "sampler.json"
     for name, path in files.items():
         log.info("wrote %s: %s", name, path)
     return {k: str(v) for k, v in files.items()}

@@ -89,6 +89,21 @@ def _number(own: dict[str, str], key: str, kind: type, default):
     return value
 
 
+def check_own_settings(steps_each: int, num_points: int | None, sigma_min: float, sigma_max: float | None,
+                       target: float) -> None:
+    """This tool's own settings, checked before any data is read (each by the name the user typed)."""
+    if steps_each < 1:
+        raise UserError(f"steps_each must be a whole number >= 1 (got {steps_each})")
+    if num_points is not None and num_points < 2:
+        raise UserError(f"num_points must be >= 2 (got {num_points})")
+    if not (math.isfinite(sigma_min) and sigma_min > 0):
+        raise UserError(f"sigma_min must be > 0 and finite (got {sigma_min:g})")
+    if sigma_max is not None and not (math.isfinite(sigma_max) and sigma_max > sigma_min):
+        raise UserError(f"sigma_max must be finite and larger than sigma_min={sigma_min:g} (got {sigma_max:g})")
+    if not 0.0 < target < 1.0:
+        raise UserError(f"target must lie strictly between 0 and 1 (got {target:g}); NCSNv2 uses 0.5")
+
+
 def compose_data_config(conf_dir: Path, overrides: list[str]):
     """``cfg.data`` of conf/train.yaml composed with ``overrides`` (experiment off unless one is given)."""
     name, cfg = compose_with_data(conf_dir, overrides)
@@ -117,7 +132,9 @@ def compose_with_data(conf_dir: Path, overrides: list[str], job_name: str = "sig
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3", job_name=job_name):
             cfg = compose(config_name="train", overrides=overrides)
     except Exception as exc:  # a bad override is the user's: one line
-        raise UserError(f"cannot compose the config: {str(exc).splitlines()[0]}") from exc
+        from ncsn.app import override_error
+
+        raise UserError(override_error(str(exc), "train")) from exc
     if experiment and not chosen:  # the experiment's data
         from ncsn.metrics.registry import data_fields
 
@@ -135,8 +152,7 @@ def suggest_main(argv: list[str]) -> None:
     sigma_min = _number(own, "sigma_min", float, 0.01)
     sigma_max = _number(own, "sigma_max", float, None)
     target = _number(own, "target", float, 0.5)
-    if num_points is not None and num_points < 2:
-        raise UserError(f"num_points must be >= 2 (got {num_points})")
+    check_own_settings(steps_each, num_points, sigma_min, sigma_max, target)
 
     conf_dir = find_conf_dir()
     name, data_cfg = compose_data_config(conf_dir, overrides)

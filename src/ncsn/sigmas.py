@@ -48,8 +48,10 @@ def validate_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
 def _check_range(sigma_max: float, sigma_min: float, num_scales: int) -> None:
     if int(num_scales) != num_scales or num_scales < 2:
         raise ConfigError(f"sigmas.num_scales must be an integer >= 2 (got {num_scales})")
-    if not (sigma_min > 0):
-        raise ConfigError(f"sigmas.sigma_min must be > 0 (got {sigma_min})")
+    if not (sigma_min > 0) or not math.isfinite(sigma_min):
+        raise ConfigError(f"sigmas.sigma_min must be > 0 and finite (got {sigma_min})")
+    if not math.isfinite(sigma_max):
+        raise ConfigError(f"sigmas.sigma_max must be a finite number (got {sigma_max})")
     if not (sigma_max > sigma_min):
         raise ConfigError(
             f"sigmas.sigma_max ({sigma_max}) must be larger than sigmas.sigma_min ({sigma_min})"
@@ -271,13 +273,6 @@ def ncsnv2_sigmas(
     return geometric_sigmas(sigma_max, sigma_min, num_scales)
 
 
-if __name__ == "__main__":  # python -m ncsn.sigmas suggest data=<name> steps_each=T
-    # The command line lives in ncsn.schedule_cli, which imports this module: run it as a script (as
-    # `python -m ncsn.schedule_cli` would) rather than import it, so that the dependency goes one way only.
-    import runpy
-
-    runpy.run_module("ncsn.schedule_cli", run_name="__main__", alter_sys=True)
-
 
 # ---------------------------------------------------------------------------------------------- σ bins (logging)
 #: fixed log-σ bin edges of the per-σ validation losses: 1-2-5 per decade from 0.001 to 1000, the same in every run
@@ -285,10 +280,17 @@ SIGMA_BIN_EDGES: tuple[float, ...] = tuple(float(f"{m}e{e}") for e in range(-3, 
 SIGMA_BIN_PREFIX = "val/loss_sigma_bin/"
 
 
+def _bin_edge(value: float) -> str:
+    """An edge in fixed width (4 digits, a point, 3 decimals: ``0000.010``, ``0500.000``), so that the keys'
+    plain string order, which W&B and most tools sort panels and columns by, is their numeric order."""
+    return "inf" if math.isinf(value) else f"{value:08.3f}"
+
+
 def sigma_bin_key(sigma: float) -> str:
-    """The per-σ validation key of the fixed bin [lo, hi) holding ``sigma``, e.g. ``val/loss_sigma_bin/0.5-1``
-    (below 0.001: ``0-0.001``; from 1000 on: ``1000-inf``). A float32 σ a hair below an edge (0.0099999998 for
-    0.01) counts as the edge."""
+    """The per-σ validation key of the fixed bin [lo, hi) holding ``sigma``, e.g.
+    ``val/loss_sigma_bin/0000.500-0001.000`` (below 0.001: ``0000.000-0000.001``; from 1000 on: ``1000.000-inf``).
+    The edges have a fixed width, so sorting the keys as text sorts them by σ. A float32 σ a hair below an edge
+    (0.0099999998 for 0.01) counts as the edge."""
     edges = SIGMA_BIN_EDGES
     sigma = float(sigma) * (1 + 1e-6)
     if sigma < edges[0]:
@@ -298,11 +300,11 @@ def sigma_bin_key(sigma: float) -> str:
     else:
         i = max(k for k in range(len(edges) - 1) if edges[k] <= sigma)
         lo, hi = edges[i], edges[i + 1]
-    return f"{SIGMA_BIN_PREFIX}{lo:g}-{hi:g}"
+    return f"{SIGMA_BIN_PREFIX}{_bin_edge(lo)}-{_bin_edge(hi)}"
 
 
 def sigma_bin_low(key: str) -> float:
-    """The lower edge of a ``sigma_bin_key`` key (to sort them by σ)."""
+    """The lower edge of a ``sigma_bin_key`` key (also of the unpadded keys of older runs, ``.../0.5-1``)."""
     return float(key.removeprefix(SIGMA_BIN_PREFIX).split("-")[0])
 
 
@@ -315,3 +317,11 @@ def loss_by_sigma_bin(sigmas: list[float], sums: list[float], counts: list[float
             acc[0] += s
             acc[1] += c
     return {key: s / c for key, (s, c) in bins.items()}
+
+
+if __name__ == "__main__":  # python -m ncsn.sigmas suggest data=<name> steps_each=T
+    # The command line lives in ncsn.schedule_cli, which imports this module: run it as a script (as
+    # `python -m ncsn.schedule_cli` would) rather than import it, so that the dependency goes one way only.
+    import runpy
+
+    runpy.run_module("ncsn.schedule_cli", run_name="__main__", alter_sys=True)

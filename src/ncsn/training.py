@@ -66,10 +66,21 @@ def output_dir(cfg: DictConfig) -> Path:
 
 
 def check_trainer_config(cfg: DictConfig) -> None:
-    """Errors the Trainer would only report deep inside: accelerator availability."""
+    """Errors the Trainer would only report deep inside or not at all: accelerator availability, a run of no
+    steps, a seed that is not a number."""
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError("trainer=gpu needs a CUDA GPU and none is visible; use trainer=cpu or trainer=default")
+        chosen = "trainer=gpu" if accelerator == "gpu" else f"trainer.accelerator={accelerator}"
+        raise ConfigError(f"{chosen} needs a CUDA GPU and none is visible; use trainer=cpu or trainer=default")
+    if cfg.trainer.get("max_steps") == 0:
+        raise ConfigError("trainer.max_steps=0 trains nothing; give a number of steps >= 1 (or -1: no limit)")
+    interval = cfg.trainer.get("val_check_interval")
+    if interval is not None and not (isinstance(interval, (int, float)) and interval > 0):  # 0: divides by 0
+        raise ConfigError(f"trainer.val_check_interval must be > 0: steps (int) or a share of an epoch (float in "
+                          f"(0, 1]), or null (got {interval!r})")
+    seed = cfg.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32):
+        raise ConfigError(f"seed must be a whole number from 0 to 2**32 - 1, or null (got {seed!r})")
 
 
 def setting_name(node: DictConfig, key: str, own: str) -> str:
@@ -116,6 +127,7 @@ def check_run_files(cfg: DictConfig, datamodule: L.LightningDataModule) -> None:
 
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Build every object of a training run from its config (nothing is run)."""
+    check_trainer_config(cfg)
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     model: L.LightningModule = instantiate(cfg.model)
     resolve_quality_monitors(cfg)
@@ -131,7 +143,6 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback with the bar off
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    check_trainer_config(cfg)
     # Lightning runs the checkpoint callbacks last, in list order: best.ckpt's first, so that the step's other saves
     # (step_N.ckpt, last.ckpt) hold its record of that step's pass, and a resume from them knows the best so far
     callbacks.sort(key=lambda cb: 0 if not isinstance(cb, Checkpoint) else 1 if isinstance(cb, BestQualityCheckpoint)
@@ -264,6 +275,7 @@ def optimized_value(metric_name: str | None, metrics) -> float | None:
 
 def train(cfg: DictConfig) -> float | None:
     """Train one run; return the value of ``cfg.optimized_metric`` (None if it was never logged)."""
+    check_trainer_config(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     prepare_ddp_relaunch()

@@ -37,6 +37,15 @@ def per_device_batch_size(global_batch_size: int, world_size: int = 1) -> int:
     return global_batch_size // world_size
 
 
+def check_sizes(**sizes: int | None) -> None:
+    """Data sizes and counts given as ``data.<name>=value``: each a whole number, >= 1 (``num_workers``: >= 0);
+    None means unset."""
+    for name, value in sizes.items():
+        minimum = 0 if name == "num_workers" else 1
+        if value is not None and (isinstance(value, bool) or int(value) != value or value < minimum):
+            raise ConfigError(f"data.{name} must be a whole number >= {minimum} (got {value})")
+
+
 class _BaseDataModule(L.LightningDataModule):
     """Shared loaders; subclasses set ``self.train_set`` / ``self.val_set`` in ``setup``."""
 
@@ -126,6 +135,7 @@ class ImageDataModule(_BaseDataModule):
                               f"set data.channels={native}")
         if image_size is not None and int(image_size) < 1:
             raise ConfigError(f"data.image_size must be a positive integer, got {image_size}")
+        check_sizes(num_workers=num_workers, val_batch_size=val_batch_size, center_crop=center_crop)
         self.data_dir = str(data_dir)
         self.batch_size = int(batch_size)
         self.val_batch_size = int(val_batch_size) if val_batch_size else None
@@ -144,7 +154,7 @@ class ImageDataModule(_BaseDataModule):
         self.resize = bool(resize)
         self.val_fraction = float(val_fraction)
         self.seed = int(seed)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # in checkpoints; the loggers get the nested run config
 
     @property
     def channels(self) -> int:
@@ -182,6 +192,7 @@ class ToyDataModule(_BaseDataModule):
     def __init__(self, n_train: int = 10000, n_val: int = 2000, batch_size: int = 128, seed: int = 0,
                  num_workers: int = 0, pin_memory: bool = False, val_batch_size: int | None = None) -> None:
         super().__init__()
+        check_sizes(n_train=n_train, n_val=n_val, num_workers=num_workers, val_batch_size=val_batch_size)
         self.n_train, self.n_val = int(n_train), int(n_val)
         self.batch_size = int(batch_size)
         self.val_batch_size = int(val_batch_size) if val_batch_size else None
@@ -189,7 +200,7 @@ class ToyDataModule(_BaseDataModule):
         self.seed = int(seed)
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # in checkpoints; the loggers get the nested run config
 
     @property
     def dim(self) -> int:

@@ -1,10 +1,10 @@
 """The sample-quality metric of 28x28 grey digits (``data=mnist_bundled`` and ``data=mnist``): the shipped digit
 classifier's features (``ncsn.metrics.digits``) against held-out real digits.
 
-Reference (never in the run's training split): the run's validation digits, at most ``REFERENCE_MAX`` (500) of
-them: with the bundled digits the split's held-out digits (500 by default; ``data.val_size < 500`` gives fewer,
-said in one warning line), with ``data=mnist`` the MNIST test set (t10k files, up to 10,000 digits:
-``quality_metric_for`` passes them all).
+Reference (never in the run's training split): with the bundled digits the first
+``ncsn.metrics.quality.BUNDLED_REFERENCE`` (500) of the run's held-out digits (500 by default;
+``data.val_size < 500`` gives fewer, said in one warning line), with ``data=mnist`` the MNIST test set (t10k
+files, 10,000 digits: ``quality_metric_for`` passes them all).
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ class DigitQuality(SampleQuality):
 
     * ``quality/kid`` (primary): the kernel distance (unbiased MMD², cubic polynomial kernel,
       ``distances.kernel_distance``) to the reference digits, in the classifier's raw feature units (no
-      scaling). Its expectation is the same at any N; ``quality/kid_std`` is its standard error (jackknife).
+      scaling). Its expectation is the same at any N; ``quality/kid_std`` is its standard error (jackknife over
+      the samples, the reference set held fixed: the error bar between runs scored against the same reference).
       Real digits score 0 up to that noise; ``quality/kid_floor`` is N real training digits' value (the floor).
     * ``quality/fd``: Fréchet distance of Gaussians fitted to the same features (an MNIST "FID"); it shrinks with
       N, so ``quality/fd_floor`` (N real training digits, a fixed random subset) and ``quality/fd_ratio`` = fd /

@@ -106,7 +106,8 @@ def kernel_distance(samples, reference: KernelReference) -> tuple[float, float]:
     """(unbiased MMD², its jackknife standard error) between sample features [m, d] and the reference.
 
     MMD²_u = mean_{i≠j} k(x_i, x_j) + mean_{i≠j} k(y_i, y_j) − 2 mean_{i,j} k(x_i, y_j). It can be slightly
-    negative when the two sides come from the same distribution. The standard error is NaN for m < 3.
+    negative when the two sides come from the same distribution. The standard error is NaN for m < 3; it is over
+    the samples only (delete-one jackknife, the reference held fixed), so it leaves out the reference's own noise.
     """
     x = _array(samples)
     m = len(x)

@@ -49,7 +49,6 @@ class _KernelImageQuality(SampleQuality):
     """KID (x1e3, with its jackknife standard error) and the Fréchet distance of one feature map, between the
     samples and the reference; the floor is N real training images' KID."""
 
-    prefix = ""  # the keys: quality/kid<prefix>, quality/kid<prefix>_std, quality/kid<prefix>_floor
 
     def __init__(self, reference: torch.Tensor, floor_images: torch.Tensor, num_samples: int) -> None:
         reference = image01(reference)
@@ -101,9 +100,9 @@ class PixelQuality(_KernelImageQuality):
 
 
 class InceptionQuality(_KernelImageQuality):
-    """``quality/kid`` (x1e3): KID in the standard Inception's 2048-d pool features vs the reference images, the
-    number published as "KID x 10^3"; ``quality/fid`` the FID of the same features at this N (biased upward at
-    small N: comparable only at the same N)."""
+    """``quality/kid_inception`` (x1e3): KID in the standard Inception's 2048-d pool features vs the reference
+    images, the number published as "KID x 10^3"; ``quality/fid`` the FID of the same features at this N
+    (biased upward at small N: comparable only at the same N)."""
 
     name = PRIMARY_KEYS["inception"]
     fd_key = "quality/fid"

@@ -9,8 +9,9 @@ dataset gets is decided in ``ncsn.metrics.registry``:
 * digits (``DigitQuality``, ``digit_quality``): ``quality/kid``, KID of the shipped classifier's features vs
   held-out digits (the bundled split's 500, or the MNIST test set with ``data=mnist``);
 * the toy mixture (``ToyMixtureQuality``, ``toy_quality``): ``quality/energy_distance``;
-* other images (``image_quality``): ``quality/kid`` (x1e3) in Inception features (``InceptionQuality``) when
-  its weights are given or cached, else ``quality/kid_pixels`` (x1e3, ``PixelQuality``) and one warning line.
+* other images (``image_quality``): ``quality/kid_inception`` (x1e3) in Inception features
+  (``InceptionQuality``) when its weights are given or cached, else ``quality/kid_pixels`` (x1e3,
+  ``PixelQuality``) and one warning line.
 
 Every primary is an unbiased estimator: its expected value is the same at any sample count N (only its noise,
 reported as ``<key>_std`` where there is one, shrinks with N). The Fréchet distances (``fd``, ``fd_ratio``,
@@ -83,7 +84,7 @@ def quality_metric_for(
 
     ``inception_weights`` (the setting ``paths.inception_weights``): the standard Inception's weights file for
     non-digit images; without it (and without the file in torch hub's cache) ``quality/kid_pixels`` replaces
-    ``quality/kid`` and one warning line says so.
+    ``quality/kid_inception`` and one warning line says so.
     """
     from ncsn.data.datamodules import ImageDataModule, ToyDataModule
 
@@ -110,7 +111,7 @@ def quality_metric_for(
     log.warning(
         "quality: no Inception features for %s (the weights are not given and not at %s): logging "
         "quality/kid_pixels instead (KID of 8x8-pooled pixels, NOT comparable with Inception KID/FID). For "
-        "quality/kid download %s and set paths.inception_weights=<path> (train.py and sample.py)",
+        "quality/kid_inception download %s and set paths.inception_weights=<path> (train.py and sample.py)",
         datamodule.name, hub_weights_path(), INCEPTION_WEIGHTS_URL,
     )
     return image_quality.PixelQuality(reference, floor, num_samples)

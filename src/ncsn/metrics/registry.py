@@ -7,11 +7,15 @@ data                            kind      primary key (lower is better)       bu
 ==============================  ========  ==================================  =====================================
 mnist, mnist_bundled (28x28)    digits    ``quality/kid``                     ``digit_quality.DigitQuality``
 toy_gmm                         toy       ``quality/energy_distance``         ``toy_quality.ToyMixtureQuality``
-other images, Inception weights inception ``quality/kid`` (x1e3)              ``image_quality.InceptionQuality``
+other images, Inception weights inception ``quality/kid_inception`` (x1e3)    ``image_quality.InceptionQuality``
 other images, no weights        pixels    ``quality/kid_pixels`` (x1e3)       ``image_quality.PixelQuality``
 ==============================  ========  ==================================  =====================================
 
 The Inception is used when its weights are given (``paths.inception_weights``) or sit in torch hub's cache.
+
+Each key names one feature space and one unit, so a dashboard panel never mixes two: ``quality/kid`` is the digit
+classifier's KID in raw feature units; the image KIDs are x1e3 (the published "KID x 10^3") and say their features
+in the name (``_inception``, ``_pixels``). Values of different keys, or of different datasets, are not comparable.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ __all__ = ["PRIMARY_KEYS", "data_fields", "primary_quality_key", "primary_qualit
 PRIMARY_KEYS = {
     "digits": "quality/kid",
     "toy": "quality/energy_distance",
-    "inception": "quality/kid",
+    "inception": "quality/kid_inception",
     "pixels": "quality/kid_pixels",
 }
 

@@ -28,6 +28,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ncsn.errors import ConfigError
+
+
+def check_sizes(**sizes: int) -> None:
+    """Each network size (``ngf=64``, ``image_size=28``) must be a whole number >= 1: one clear line naming the
+    setting (``model.net.<name>``) instead of a deep error while the layers are built."""
+    for name, value in sizes.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or int(value) != value or value < 1:
+            raise ConfigError(f"model.net.{name} must be a whole number >= 1 (got {value})")
+
 # A factory building a normalisation layer: (channels) or (channels, num_classes).
 NormFactory = Callable[..., nn.Module]
 

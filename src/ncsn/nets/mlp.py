@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ncsn.nets.layers import check_sizes
+
 
 class ToyScoreMLP(nn.Module):
     """MLP score model for low-dimensional data.
@@ -35,8 +37,7 @@ class ToyScoreMLP(nn.Module):
         embed_dim: int | None = None,
     ) -> None:
         super().__init__()
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        check_sizes(dim=dim, hidden=hidden, num_layers=num_layers, embed_dim=embed_dim)
         self.dim = dim
         self.num_scales = num_scales
         embed_dim = hidden if embed_dim is None else embed_dim

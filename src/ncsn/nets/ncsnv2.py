@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ncsn.nets.layers import ConditionalResidualBlock, RefineBlock, ResidualBlock
+from ncsn.nets.layers import ConditionalResidualBlock, RefineBlock, ResidualBlock, check_sizes
 from ncsn.nets.normalization import InstanceNorm2dPlus, SigmaEmbedding, SigmaInstanceNorm2dPlus
 
 
@@ -99,6 +99,7 @@ class NCSNv2(nn.Module):
         sigma_embedding: bool = False,
     ) -> None:
         super().__init__()
+        check_sizes(in_channels=in_channels, image_size=image_size, ngf=ngf)
         self.in_channels = in_channels
         self.image_size = image_size
         self.ngf = ngf

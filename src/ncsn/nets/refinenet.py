@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ncsn.nets.layers import ConditionalResidualBlock, CondRefineBlock
+from ncsn.nets.layers import ConditionalResidualBlock, CondRefineBlock, check_sizes
 from ncsn.nets.normalization import ConditionalInstanceNorm2dPlus
 
 
@@ -49,6 +49,7 @@ class NCSN(nn.Module):
         rescale_input: bool = True,
     ) -> None:
         super().__init__()
+        check_sizes(in_channels=in_channels, image_size=image_size, ngf=ngf)
         self.in_channels = in_channels
         self.image_size = image_size
         self.ngf = ngf
