@@ -58,7 +58,7 @@ def test_the_best_checkpoint_monitors_the_key_the_sample_grid_logs(where, tmp_pa
     metric = grid.quality_metric(SimpleNamespace(datamodule=instantiate(cfg.data)),
                                  SimpleNamespace(device=torch.device("cpu")))
     # set on the sample grid: Inception KID; set only in paths with the grid's own setting cleared: pixels
-    assert metric.name == ("quality/kid" if where.startswith("callbacks") else "quality/kid_pixels")
+    assert metric.name == ("quality/kid_inception" if where.startswith("callbacks") else "quality/kid_pixels")
     assert cfg.callbacks.best_checkpoint.monitor == metric.name
     assert training.resolve_optimized_metric(cfg) == metric.name
 

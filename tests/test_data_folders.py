@@ -261,9 +261,10 @@ def test_ffhq_with_inception_weights_gives_kid(tmp_path, monkeypatch):
     write_ffhq(tmp_path / "ffhq", n=20, size=16)
     metric = quality_metric_for_data({"name": "ffhq", "image_size": 16}, num_samples=2, data_dir=tmp_path,
                                      inception_weights=weights, device="cpu")
-    assert isinstance(metric, InceptionQuality) and metric.name == "quality/kid" and metric.reference_count == 2
+    assert isinstance(metric, InceptionQuality) and metric.name == "quality/kid_inception" and metric.reference_count == 2
     result = metric(torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
-    assert set(result) == {"quality/kid", "quality/kid_std", "quality/kid_floor", "quality/fid"}
+    assert set(result) == {"quality/kid_inception", "quality/kid_inception_std", "quality/kid_inception_floor",
+                           "quality/fid"}
 
 
 def test_the_sigma_helper_picks_sigma_1_from_a_folder_of_images(tmp_path, capsys):

@@ -59,11 +59,16 @@ class Slow(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         time.sleep(VAL_S)
 
-    # What SampleGridCallback uses of a ScoreModel: its noise levels, its sampler settings and ``sample``.
+    # What SampleGridCallback uses of a ScoreModel: its noise levels, its sampler settings, their plan and ``sample``.
     sigmas = torch.tensor([1.0, 0.1])
 
     def sampling_settings(self, **overrides):
         return {"name": "ald", "n_steps_each": 1, "step_lr": 1e-5, "denoise": False, **overrides}
+
+    def sampling_plan(self, settings):
+        from ncsn.samplers import build_plan
+
+        return build_plan(self.sigmas, settings)
 
     def sample(self, n, generator=None, **kwargs):
         time.sleep(GRID_S)

@@ -35,7 +35,9 @@ def test_every_experiment_composes_and_builds_module_and_datamodule(experiment, 
     datamodule = instantiate(cfg.data)
     assert model.sigmas.shape == (cfg.sigmas.num_scales,)
     assert torch.all(model.sigmas[:-1] > model.sigmas[1:])
-    assert model.sampler_settings["n_steps_each"] == cfg.sampler.n_steps_each
+    assert {k: model.sampler_settings[k] for k in ("name", "init_low", "init_high")} == {
+        k: cfg.sampler[k] for k in ("name", "init_low", "init_high")}
+    assert all(model.sampler_settings[k] == v for k, v in cfg.sampler.items() if k in model.sampler_settings)
     assert datamodule.hparams is not None or datamodule is not None
     if experiment.endswith("_paper"):  # the paper's recipe, exactly
         assert (cfg.sigmas.sigma_max, cfg.sigmas.sigma_min, cfg.sigmas.num_scales) == (1.0, 0.01, 10)

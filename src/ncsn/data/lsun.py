@@ -1,10 +1,10 @@
 """LSUN scenes (``data=lsun``): the released lmdb databases ``<path>/<category>_train_lmdb`` and
 ``<path>/<category>_val_lmdb`` (``path`` defaults to ``data_dir/lsun``; LSUN's ``download.py -c <category>``
-fetches them), read as torchvision's ``LSUN`` reads them: every key of a database holds one encoded image (WebP
+fetches them), read as torchvision's LSUN class reads them: every key of a database holds one encoded image (WebP
 in the release), opened with Pillow and converted to RGB. Train = the ``train`` database, validation (and the
 quality metric's reference) = the ``val`` one (300 images per category), as ermongroup/ncsnv2 splits them.
 
-Read here rather than through ``torchvision.datasets.LSUN`` for two reasons: torchvision pickles the key list
+Read here rather than through torchvision.datasets.LSUN for two reasons: torchvision pickles the key list
 to ``_cache_<letters of the path>`` in the current directory (litter in the run's directory, and a stale list
 reused when another database later sits at the same path), and it keeps the database open in the parent
 process, where DataLoader workers inherit the handle across ``fork`` (py-lmdb then refuses to open the path

@@ -144,6 +144,9 @@ def score_file(path: str | Path, overrides: list[str] = (), device: str | None =
     data, cfg = compose_run_config(overrides)
     # the sample grid's setting, as in training (callbacks.sample_grid.inception_weights: paths.inception_weights)
     weights = OmegaConf.select(cfg, "callbacks.sample_grid.inception_weights", default=None)
+    if weights and not Path(str(weights)).is_file():
+        raise UserError(f"inception_weights file {weights} does not exist; pass the downloaded .pth file "
+                        f"(paths.inception_weights=FILE)")
     metric = quality_metric_for_data(cfg.data, num_samples=max(2, len(samples)), device=device,
                                      inception_weights=weights)
     if metric is None:
