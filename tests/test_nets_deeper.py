@@ -86,3 +86,16 @@ def test_every_parameter_is_used_and_the_score_is_output_over_sigma(cls):
         torch.testing.assert_close(net(x, torch.tensor([1, 2])), raw)  # unconditional: levels are ignored
         score = score_function(net, sigmas)(x, levels)
     torch.testing.assert_close(score, raw / sigmas[levels].view(-1, 1, 1, 1))
+
+
+@pytest.mark.parametrize("cls, size", [(NCSNv2Deeper, 64), (NCSNv2Deepest, 64)])
+@pytest.mark.parametrize("sampler", ["edm", "heun"])
+def test_the_few_step_samplers_run_on_the_deeper_networks(cls, size, sampler):
+    # issue 34 (4): the few-step samplers at these networks' sizes (tiny width: shapes and finiteness, not quality)
+    from ncsn.module import ScoreModel
+    from ncsn.sigmas import geometric_sigmas
+
+    torch.manual_seed(0)
+    model = ScoreModel(cls(in_channels=3, image_size=size, ngf=4), geometric_sigmas(140.0, 0.01, 20), [3, size, size])
+    out = model.sample(2, generator=torch.Generator().manual_seed(0), name=sampler, num_steps=3)
+    assert out.shape == (2, 3, size, size) and torch.isfinite(out).all()
