@@ -119,7 +119,7 @@ def check_run_files(cfg: DictConfig, datamodule: L.LightningDataModule) -> None:
     try:
         datamodule.setup("fit")
     except DataNotFoundError as err:
-        if not hasattr(datamodule, "data_dir"):
+        if not hasattr(datamodule, "data_dir") or "data.path=" in str(err):  # a folder of images names data.path
             raise
         setting = setting_name(cfg.data, "data_dir", "data.data_dir")
         raise DataNotFoundError(f"{err} ({setting}={datamodule.data_dir})") from err
