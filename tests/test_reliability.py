@@ -328,8 +328,8 @@ def test_wandb_online_without_an_api_key_falls_back_to_offline(tmp_path):
 def test_non_finite_loss_stops_naming_step_and_level_and_keeps_the_last_good_checkpoint(tmp_path):
     run = tmp_path / "run"
     result = run_entry("train.py", "experiment=toy_gmm", "logger=none", "callbacks.sample_grid=null",
-                       "model.optimizer.lr=1e12", "trainer.max_steps=200", "callbacks.model_checkpoint.every_n_train_steps=1",
-                       f"hydra.run.dir={run}")
+                       "model.optimizer.lr=1e12", "trainer.max_steps=200",
+                       "callbacks.model_checkpoint.every_n_train_steps=1", f"hydra.run.dir={run}")
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert result.returncode == 2, result.stderr[-2000:]
     assert re.search(r"non-finite training loss .* at global step \d+, level \d+ \(sigma=", lines[-1]), lines[-1]

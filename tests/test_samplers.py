@@ -199,8 +199,10 @@ def test_same_seed_same_samples_and_every_step_reaches_the_callback(name):
     seen = []
     a = sample(mixture_score_fn(sigmas), torch.zeros(6, 2), sigmas, settings,
                generator=torch.Generator().manual_seed(3), callback=lambda d: seen.append((d["level"], d["step"])))
-    b = sample(mixture_score_fn(sigmas), torch.zeros(6, 2), sigmas, settings, generator=torch.Generator().manual_seed(3))
-    c = sample(mixture_score_fn(sigmas), torch.zeros(6, 2), sigmas, settings, generator=torch.Generator().manual_seed(4))
+    b = sample(mixture_score_fn(sigmas), torch.zeros(6, 2), sigmas, settings,
+               generator=torch.Generator().manual_seed(3))
+    c = sample(mixture_score_fn(sigmas), torch.zeros(6, 2), sigmas, settings,
+               generator=torch.Generator().manual_seed(4))
     assert torch.equal(a, b) and not torch.equal(a, c)
     plan = build_plan(sigmas, settings)
     assert seen == [(i, t) for i in range(plan.num_levels) for t in range(plan.draws)]

@@ -181,7 +181,8 @@ class FinalStepCheckpoint(ModelCheckpoint):
     through ModelCheckpoint's own path (``lightning_private.save_last``), so ``last_model_path``, the loggers'
     ``after_save_checkpoint`` (W&B ``log_model``), ``save_weights_only`` and ``save_last="link"`` behave as at a
     periodic save; with ``link``, the final step is first saved as a regular (top-k) checkpoint for ``last`` to
-    link to (with a ``monitor``, as at a periodic save, last links to the newest top-k file). It runs in the training processes (under ``ddp_spawn`` the launching process has neither the final
+    link to (with a ``monitor``, as at a periodic save, last links to the newest top-k file).
+    It runs in the training processes (under ``ddp_spawn`` the launching process has neither the final
     step nor the callbacks' state) and, like every ModelCheckpoint, after the other callbacks' ``on_train_end``.
     """
 

@@ -184,7 +184,8 @@ class EMA(WeightAveraging):
         loss_sum, count = total.tolist()  # one host sync per validation
         self._val_sum = self._val_count = None
         if count > 0:
-            pl_module.log("val_ema/loss", loss_sum / count, sync_dist=True, rank_zero_only=True)  # reduced above: no 2nd collective
+            pl_module.log("val_ema/loss", loss_sum / count, sync_dist=True,
+                          rank_zero_only=True)  # reduced above: no 2nd collective
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
                            ) -> None:

@@ -211,7 +211,8 @@ def run_inpaint(model, cfg, out: Path, overrides: dict, run_cfg: DictConfig) -> 
     full_mask = mask.repeat_interleave(k, dim=0) if mask.shape[0] > 1 else mask
     x_init = model.initial_samples(known.shape[0], generator, settings)
     completions = inpaint(model.score_fn, known, full_mask, model.sigmas, settings, x_init=x_init,
-                          generator=generator, progress=cfg.progress, snap=model.snap_sigma).view(n, k, *images.shape[1:])
+                          generator=generator, progress=cfg.progress,
+                          snap=model.snap_sigma).view(n, k, *images.shape[1:])
     occluded = images * mask + (1 - mask) * 0.5
     rows = torch.cat([occluded[:, None], completions, images[:, None]], dim=1)  # [n, k + 2, C, H, W]
     grid = image_grid(rows.flatten(0, 1).cpu(), nrow=k + 2)

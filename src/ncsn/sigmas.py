@@ -78,7 +78,8 @@ def karras_grid(sigma_max: float, sigma_min: float, num_steps: int, rho: float =
     if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
         raise ConfigError(f"sampler.num_steps must be an integer >= 1 (got {num_steps})")
     if not 0 < sigma_min < sigma_max:
-        raise ConfigError(f"the sampler's sigma grid needs 0 < sigma_min < sigma_max (got {sigma_min:g}, {sigma_max:g})")
+        raise ConfigError("the sampler's sigma grid needs 0 < sigma_min < sigma_max "
+                          f"(got {sigma_min:g}, {sigma_max:g})")
     if not rho > 0:
         raise ConfigError(f"sampler.rho must be > 0 (got {rho})")
     n = int(num_steps)

@@ -137,8 +137,8 @@ def resolve_inception_weights(
         return str(cached)
     if not allow_download:
         raise ConfigError(
-            f"The standard Inception weights are not on this machine: set fid.allow_download=true to fetch them, or download "
-            f"{INCEPTION_WEIGHTS_URL} elsewhere, copy it here and set paths.inception_weights=<path> "
+            f"The standard Inception weights are not on this machine: set fid.allow_download=true to fetch them, "
+            f"or download {INCEPTION_WEIGHTS_URL} elsewhere, copy it here and set paths.inception_weights=<path> "
             f"(or put it at {cached})"
         )
     return None

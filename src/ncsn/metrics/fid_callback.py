@@ -33,8 +33,9 @@ class FIDCallback(L.Callback):
     works. ``self.history`` keeps ``(global_step, fid)``.
 
     EMA: samples come from the EMA's averaged model once it has started (``ncsn.ema.sampling_module``, as the
-    sample grid and the quality pass: on the training device even with ``callbacks.ema.device=cpu``), from ``pl_module`` (the raw weights) before that or without EMA. No
-    weights are ever swapped: ``pl_module`` holds the raw weights throughout, whatever the callback order.
+    sample grid and the quality pass: on the training device even with ``callbacks.ema.device=cpu``), from
+    ``pl_module`` (the raw weights) before that or without EMA. No weights are ever swapped: ``pl_module``
+    holds the raw weights throughout, whatever the callback order.
 
     Notes: ``trainer.callback_metrics`` keeps the last ``val/fid`` across validations where no FID is due, so
     with ``ModelCheckpoint(monitor="val/fid")`` either validate at the FID cadence (``every_n_steps=0``) or

@@ -6,7 +6,8 @@
 FILE: ``samples.npz`` as ``sample.py`` writes it (key ``samples``: uint8 [N, H, W, C]), any ``.npz`` holding one
 array, a ``.npy`` array, or a ``.pt`` / ``.pth`` tensor (``torch.save``; a dict with one tensor or ``samples``):
 images [N, H, W(, C)] (or [N, C, H, W]) as integers in [0, 255] or floats in [0, 1], or 2-D points [N, 2].
-Anything else (another range, NaN, a bool or text array) is one error line, never a score. ``data`` defaults to ``mnist_bundled`` for 28x28 grey images and ``toy_gmm`` for points; other
+Anything else (another range, NaN, a bool or text array) is one error line, never a score.
+``data`` defaults to ``mnist_bundled`` for 28x28 grey images and ``toy_gmm`` for points; other
 images need it (``cifar10``, ``celeba``). The dataset is the config group ``conf/data/NAME.yaml`` composed with
 Hydra as ``train.py`` composes it, with the same overrides (``data.image_size=64``, ``paths.data_dir=DIR``, or a
 run's ``experiment=NAME``), so CelebA is centre-cropped as in training and the values equal the training pass's

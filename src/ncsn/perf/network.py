@@ -132,7 +132,8 @@ def enable_compile_cache(cache_dir: str | os.PathLike | None = None) -> dict[str
         except OSError as exc:  # read-only home and the like: keep torch's default
             log.warning("perf: cannot create the compile cache dir %s (%s); using torch's default", path, exc)
     settings: dict[str, Any] = {"cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
-    for key, module, name, env in (("fx_graph_cache", inductor_config, "fx_graph_cache", "TORCHINDUCTOR_FX_GRAPH_CACHE"),
+    for key, module, name, env in (("fx_graph_cache", inductor_config, "fx_graph_cache",
+                                    "TORCHINDUCTOR_FX_GRAPH_CACHE"),
                                    ("autograd_cache", functorch_config, "enable_autograd_cache",
                                     "TORCHINDUCTOR_AUTOGRAD_CACHE")):
         if not hasattr(module, name):
@@ -154,7 +155,8 @@ def _raise_recompile_limit(limit: int = 64) -> None:
 
 class FastForward:
     """``net(x, levels)`` the fast way: channels_last input, bf16 autocast, optionally compiled; returns a
-    contiguous fp32 output. Carries ``divide_by_sigma`` and ``noise_input`` so :func:`ncsn.nets.score_function` accepts it."""
+    contiguous fp32 output. Carries ``divide_by_sigma`` and ``noise_input`` so :func:`ncsn.nets.score_function`
+    accepts it."""
 
     def __init__(self, net: nn.Module, settings: PerfSettings, device: torch.device | str) -> None:
         self.net = net
