@@ -216,10 +216,11 @@ class ScheduleSuggestion:
     technique2: float
 
     def overrides(self) -> str:
-        """The schedule as Hydra command-line overrides."""
+        """The schedule as Hydra command-line overrides (with annealed Langevin, the sampler technique 4 sizes the
+        step for, named, so they apply whatever sampler the experiment has)."""
         return (
             f"sigmas=geometric sigmas.sigma_max={self.sigma_max:.4g} sigmas.sigma_min={self.sigma_min:g} "
-            f"sigmas.num_scales={self.num_scales} sampler.n_steps_each={self.n_steps_each} "
+            f"sigmas.num_scales={self.num_scales} sampler=ald sampler.n_steps_each={self.n_steps_each} "
             f"sampler.step_lr={self.step_lr:.3g}"
         )
 
