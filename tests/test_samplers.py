@@ -327,3 +327,36 @@ def test_mlp_trained_with_dsm_recovers_the_mixture_weights_with_annealed_langevi
     with torch.no_grad():
         samples = annealed_langevin(score, uniform_init(N, 2), sigmas, 100, 0.05, generator=g)
     assert share_in_small_mode(samples) == pytest.approx(0.2, abs=0.04)  # measured: 0.2005
+
+
+# ------------------------------------------------------------------------------ sampler.num_levels (issue 31)
+@pytest.mark.parametrize("settings", [{"name": "cas", "n_steps_each": 2, "step_lr": 5e-5},
+                                      {"name": "ald", "n_steps_each": 1, "step_lr": 3e-5, "denoise": True},
+                                      {"name": "pc", "n_corrector": 1}])
+def test_num_levels_walks_a_coarser_geometric_list_exactly_as_a_model_trained_on_it_would(settings):
+    from ncsn.module import ScoreModel
+    from ncsn.nets import NCSNv2
+
+    torch.manual_seed(0)
+    net = NCSNv2(1, 8, 4)
+    full = ScoreModel(net, geometric_sigmas(15.77, 0.01, 95), [1, 8, 8], sampler=settings)
+    coarse = ScoreModel(net, geometric_sigmas(15.77, 0.01, 25), [1, 8, 8], sampler=settings)
+    a = full.sample(3, generator=torch.Generator().manual_seed(1), num_levels=25)
+    b = coarse.sample(3, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(a, b, atol=1e-5)
+    plan = full.sampling_plan(full.sampling_settings(num_levels=25))
+    assert plan.nfe == coarse.sampling_plan(coarse.sampler_settings).nfe
+    assert plan.nfe == {"cas": 49, "ald": 26, "pc": 50}[settings["name"]]
+    assert float(plan.sigma_at(24, full.sigmas)) == pytest.approx(0.01, rel=1e-5)
+
+
+def test_num_levels_is_refused_for_a_level_indexed_network_in_one_line():
+    from ncsn.module import ScoreModel
+    from ncsn.nets import NCSN
+
+    model = ScoreModel(NCSN(in_channels=1, image_size=8, ngf=4, num_scales=10), geometric_sigmas(1.0, 0.01, 10),
+                       [1, 8, 8], sampler={"name": "cas", "step_lr": 5e-5})
+    with pytest.raises(ConfigError, match="num_levels needs a network that takes any σ"):
+        model.sampling_plan(model.sampling_settings(num_levels=5))
+    with pytest.raises(ConfigError, match="num_levels must be an integer >= 2"):
+        model.sampling_plan(model.sampling_settings(num_levels=1))

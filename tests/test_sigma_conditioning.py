@@ -112,3 +112,92 @@ def test_train_py_trains_a_sigma_conditioned_network_and_its_grid_uses_the_few_s
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["ncsn_config"]["sampler"]["name"] == "heun"
     assert any(k.endswith("film.weight") for k in ckpt["state_dict"])
+
+
+# ------------------------------------------------------------------------------ EDM's preconditioning (issue 31)
+def _zero_body(net):
+    torch.nn.init.zeros_(net.end_conv.weight)
+    torch.nn.init.zeros_(net.end_conv.bias)
+    return net
+
+
+def test_edm_preconditioning_adds_no_parameters_and_with_a_zero_body_is_the_exact_score_of_a_gaussian():
+    torch.manual_seed(0)
+    net = NCSNv2(1, 28, 8, sigma_embedding=True, precondition="edm", sigma_data=0.4)
+    assert sum(p.numel() for p in net.parameters()) == 140_049
+    # F ≡ 0 leaves D = c_skip·y: the posterior mean of y ~ N(0, σ_d² I) given y + σ z, so the score is exactly
+    # that of N(0.5, (σ_d² + σ²) I), -(x - 0.5)/(σ_d² + σ²), at every σ
+    _zero_body(net)
+    score = score_function(net, SIGMAS)
+    x = torch.randn(4, 1, 28, 28) * 3
+    sigma = torch.tensor([15.0, 1.0, 0.1, 0.01])
+    expected = -(x - 0.5) / (0.4**2 + sigma.view(-1, 1, 1, 1) ** 2)
+    assert torch.allclose(score(x, sigma), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_edm_preconditioning_scales_the_body_by_c_out_and_feeds_it_c_in_times_the_centred_input():
+    torch.manual_seed(0)
+    net = NCSNv2(1, 8, 4, sigma_embedding=True, precondition="edm", sigma_data=0.5)
+    x, sigma = torch.rand(2, 1, 8, 8), torch.tensor([3.0, 0.05])
+    s, var = sigma.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1) ** 2 + 0.25
+    body = net._body((x - 0.5) / var.sqrt(), sigma)
+    d = 0.25 / var * (x - 0.5) + s * 0.5 / var.sqrt() * body + 0.5  # EDM's D, back in the [0, 1] range
+    assert torch.allclose(net(x, sigma), (d - x) / s, atol=1e-5)
+
+
+def test_edm_preconditioning_needs_the_sigma_embedding_and_a_known_name():
+    with pytest.raises(ConfigError, match="sigma_embedding=true"):
+        NCSNv2(1, 8, 4, precondition="edm")
+    with pytest.raises(ConfigError, match="choose one of none, edm"):
+        NCSNv2(1, 8, 4, sigma_embedding=True, precondition="vp")
+    with pytest.raises(ConfigError, match="sigma_data"):
+        NCSNv2(1, 8, 4, sigma_embedding=True, precondition="edm", sigma_data=0)
+
+
+def test_edm_loss_weight_multiplies_the_papers_by_sigma_squared_plus_sigma_data_squared_over_sigma_data_squared():
+    x = torch.rand(6, 1, 4, 4)
+    levels = torch.tensor([0, 10, 40, 60, 80, 94])
+    noise = torch.randn_like(x)
+
+    def score(x, levels):
+        return torch.full_like(x, 0.3)
+
+    plain = dsm_loss(score, x, SIGMAS, levels, noise=noise)
+    edm = dsm_loss(score, x, SIGMAS, levels, noise=noise, sigma_data=0.5)
+    factor = (SIGMAS[levels] ** 2 + 0.25) / 0.25
+    ratio = edm.level_sum[levels] / plain.level_sum[levels]
+    assert torch.allclose(ratio, factor, rtol=1e-5)
+
+
+def test_log_normal_sigma_draws_follow_edms_distribution_clamped_to_the_schedule():
+    seen = []
+
+    def score(x, sigma):
+        seen.append(sigma)
+        return torch.zeros_like(x)
+
+    dsm_loss(score, torch.zeros(40000, 2), SIGMAS, log_normal=(-1.9, 1.2), generator=torch.Generator().manual_seed(0))
+    logs = seen[0].log()
+    assert logs.median().item() == pytest.approx(-1.9, abs=0.03)
+    assert logs.min().item() >= math.log(0.01) - 1e-5 and logs.max().item() <= math.log(15.77) + 1e-5
+    inside = logs[(logs > math.log(0.01) + 1e-4) & (logs < math.log(15.77) - 1e-4)]
+    assert ((inside > -3.1) & (inside < -0.7)).float().mean().item() == pytest.approx(0.683, abs=0.02)  # ±1 std
+    # ln 0.01 = -4.6 is 2.25 std below the mean: about 1.2 % land on σ_L
+    assert (logs <= math.log(0.01) + 1e-4).float().mean().item() == pytest.approx(0.0122, abs=0.003)
+
+
+def test_a_preconditioned_model_trains_on_log_normal_sigma_with_edms_weight_and_refuses_bad_settings():
+    torch.manual_seed(0)
+    net = NCSNv2(1, 8, 4, sigma_embedding=True, precondition="edm")
+    model = ScoreModel(net, SIGMAS, [1, 8, 8], sigma_draw="log_normal", sigma_log_normal=[-1.5, 1.0],
+                       optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
+    assert model._loss_weight() == {"sigma_data": 0.5}
+    loss = model.compute_loss(torch.rand(4, 1, 8, 8), generator=torch.Generator().manual_seed(0)).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in net.end_conv.parameters())
+    assert ScoreModel(NCSNv2(1, 8, 4), SIGMAS, [1, 8, 8])._loss_weight() == {}
+    with pytest.raises(ConfigError, match="sigma_log_normal"):
+        ScoreModel(NCSNv2(1, 8, 4), SIGMAS, [1, 8, 8], sigma_draw="log_normal", sigma_log_normal=[-1.9, 0])
+    with pytest.raises(ConfigError, match="log_normal needs"):
+        ScoreModel(NCSN(in_channels=1, image_size=8, ngf=4, num_scales=95), SIGMAS, [1, 8, 8], sigma_draw="log_normal")

@@ -102,6 +102,8 @@ def dsm_loss(
     generator: torch.Generator | None = None,
     level_probs: torch.Tensor | None = None,
     continuous: bool = False,
+    log_normal: tuple[float, float] | None = None,
+    sigma_data: float | None = None,
 ) -> LossOutput:
     """Weighted multi-σ denoising score matching.
 
@@ -123,10 +125,14 @@ def dsm_loss(
     """
     num_scales = sigmas.shape[0]
     table = sigmas.to(x.device, x.dtype)
-    if levels is None and continuous:
-        u = torch.rand(x.shape[0], device=x.device, generator=generator, dtype=x.dtype)
+    if levels is None and (continuous or log_normal is not None):
         log_hi, log_lo = table[0].log(), table[-1].log()
-        sigma_drawn = (log_hi + u * (log_lo - log_hi)).exp()
+        if log_normal is not None:
+            n = torch.randn(x.shape[0], device=x.device, generator=generator, dtype=x.dtype)
+            sigma_drawn = (float(log_normal[0]) + float(log_normal[1]) * n).clamp(log_lo, log_hi).exp()
+        else:
+            u = torch.rand(x.shape[0], device=x.device, generator=generator, dtype=x.dtype)
+            sigma_drawn = (log_hi + u * (log_lo - log_hi)).exp()
         levels = (sigma_drawn.log()[:, None] - table.log()).abs().argmin(dim=1)
     else:
         sigma_drawn = None
@@ -141,6 +147,8 @@ def dsm_loss(
     sigma = used.float()
     residual = score.float() + noise.float() / sigma
     weight = sigma.flatten() ** weight_power
+    if sigma_data is not None:
+        weight = weight * (sigma.flatten().square() + float(sigma_data) ** 2) / float(sigma_data) ** 2
     per_sample = 0.5 * residual.pow(2).flatten(1).sum(dim=1) * weight
     with torch.no_grad():
         zero_output = 0.5 * (noise.float() / sigma).pow(2).flatten(1).sum(dim=1) * weight

@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -40,7 +40,7 @@ class NonFiniteLossError(UserError, RuntimeError):
 
 
 #: how training draws σ (``sigma_draw``)
-SIGMA_DRAWS = ("levels", "log_uniform")
+SIGMA_DRAWS = ("levels", "log_uniform", "log_normal")
 
 
 def check_optimizer(factory: Callable[..., torch.optim.Optimizer] | None) -> None:
@@ -82,7 +82,11 @@ class ScoreModel(L.LightningModule):
             always covers the levels evenly.
         sigma_draw: ``levels`` (the paper: σ from the list) or ``log_uniform`` (σ drawn continuously between σ_L
             and σ_1, ``ncsn.losses.dsm_loss(continuous=True)``: the network learns every σ a few-step
-            sampler's grid may ask for). Validation stays on the levels.
+            sampler's grid may ask for) or ``log_normal`` (ln σ ~ N(mean, std²) = ``sigma_log_normal``, EDM's
+            training distribution, clamped to [σ_L, σ_1]). Validation stays on the levels. A network with EDM's
+            preconditioning (``net.precondition == "edm"``) is trained and validated with EDM's loss weight.
+        sigma_log_normal: [mean, std] of ln σ for ``sigma_draw=log_normal`` (EDM's P_mean −1.2, P_std 1.2 on data in
+            [−1, 1]; −1.9 = −1.2 + ln ½ on our [0, 1]).
 
     Besides the losses it logs what shows a collapse, without a host sync per step: ``train/grad_norm``
     (before clipping), ``train/output_ms`` and ``val/output_ms`` (mean square of σ·s: 0 for a constant zero
@@ -106,6 +110,7 @@ class ScoreModel(L.LightningModule):
         collapse_check_after: int = 100,
         level_draw_power: float = 0.0,
         sigma_draw: str = "levels",
+        sigma_log_normal: Sequence[float] = (-1.9, 1.2),
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
@@ -142,10 +147,13 @@ class ScoreModel(L.LightningModule):
             raise ConfigError("model.level_draw_power applies to the dsm loss only")
         if sigma_draw not in SIGMA_DRAWS:
             raise ConfigError(f"unknown model.sigma_draw '{sigma_draw}'; choose one of {', '.join(SIGMA_DRAWS)}")
-        if sigma_draw == "log_uniform" and (loss != "dsm" or level_draw_power != 0 or noise_input(net) == "level"):
-            raise ConfigError("model.sigma_draw=log_uniform needs the dsm loss, uniform draws (level_draw_power 0) "
+        if sigma_draw != "levels" and (loss != "dsm" or level_draw_power != 0 or noise_input(net) == "level"):
+            raise ConfigError(f"model.sigma_draw={sigma_draw} needs the dsm loss, uniform draws (level_draw_power 0) "
                               "and a network that is not level-indexed (ncsnv2; model=ncsn looks σ up per level)")
         self.sigma_draw = sigma_draw
+        if len(sigma_log_normal) != 2 or not float(sigma_log_normal[1]) > 0:
+            raise ConfigError(f"model.sigma_log_normal must be [mean, std] of ln σ, std > 0 (got {sigma_log_normal})")
+        self.sigma_log_normal = (float(sigma_log_normal[0]), float(sigma_log_normal[1]))
         probs = level_probabilities(self.sigmas, level_draw_power)
         self.register_buffer("level_probs", probs if probs is not None else torch.zeros(0), persistent=False)
 
@@ -195,8 +203,16 @@ class ScoreModel(L.LightningModule):
         extra = {"level_probs": self.level_probs} if self.level_probs.numel() else {}
         if self.sigma_draw == "log_uniform":
             extra["continuous"] = True
+        elif self.sigma_draw == "log_normal":
+            extra["log_normal"] = self.sigma_log_normal
         return LOSSES[self.loss_name](self.score_fn, x, self.sigmas, weight_power=self.weight_power,
-                                      generator=generator, **extra)
+                                      generator=generator, **self._loss_weight(), **extra)
+
+    def _loss_weight(self) -> dict[str, float]:
+        """EDM's loss weight for a network with EDM's preconditioning (``ncsn.losses.dsm_loss(sigma_data=)``)."""
+        if getattr(self.net, "precondition", "none") == "edm" and self.loss_name == "dsm":
+            return {"sigma_data": self.net.sigma_data}
+        return {}
 
     @staticmethod
     def _images(batch: Any) -> torch.Tensor:
@@ -293,7 +309,8 @@ class ScoreModel(L.LightningModule):
         generator = torch.Generator(device=x.device).manual_seed(self.val_seed + int(index[0]))  # SSM projections
         model = self if model is None else model
         return LOSSES[self.loss_name](model.score_fn, x, self.sigmas, levels.to(x.device),
-                                      weight_power=self.weight_power, noise=noise, generator=generator)
+                                      weight_power=self.weight_power, noise=noise, generator=generator,
+                                      **self._loss_weight())
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         out = self.validation_loss(batch, batch_idx)

@@ -22,8 +22,12 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ncsn.errors import ConfigError
 from ncsn.nets.layers import ConditionalResidualBlock, RefineBlock, ResidualBlock, check_sizes
 from ncsn.nets.normalization import InstanceNorm2dPlus, SigmaEmbedding, SigmaInstanceNorm2dPlus
+
+#: the parameterisations of the network's output (``precondition``)
+PRECONDITIONS = ("none", "edm")
 
 
 class Stage(NamedTuple):
@@ -83,6 +87,13 @@ class NCSNv2(nn.Module):
             (:class:`SigmaEmbedding`, width 4·ngf) conditions every residual block's InstanceNorm++ and the
             final one (:class:`SigmaInstanceNorm2dPlus`); ``forward(x, sigma)`` then takes σ values and
             ``noise_input`` is ``"sigma"``. The score stays net(x, σ)/σ. Off: exactly the official network.
+        precondition: ``"none"`` (the paper: the body's output is σ·s) or ``"edm"`` (Karras et al. 2022's
+            preconditioning, needs ``sigma_embedding``): the denoiser is D = c_skip·y + c_out·F(c_in·y, σ) on the
+            centred data y (x − 0.5 with ``rescale_input``, else x), c_skip = σ_d²/(σ² + σ_d²),
+            c_out = σσ_d/√(σ² + σ_d²), c_in = 1/√(σ² + σ_d²); ``forward`` still returns σ·s = (D − x)/σ, so the
+            score, the samplers and the loss are unchanged (the module gives the loss EDM's weight).
+        sigma_data: σ_d, the RMS of the centred data (0.5: images in [0, 1] centred at 0.5, as EDM's 0.5 for [-1, 1]
+            has it relative to the data's spread).
     """
 
     divide_by_sigma = True
@@ -97,9 +108,21 @@ class NCSNv2(nn.Module):
         num_scales: int | None = None,
         rescale_input: bool = True,
         sigma_embedding: bool = False,
+        precondition: str = "none",
+        sigma_data: float = 0.5,
     ) -> None:
         super().__init__()
         check_sizes(in_channels=in_channels, image_size=image_size, ngf=ngf)
+        if precondition not in PRECONDITIONS:
+            choices = ", ".join(PRECONDITIONS)
+            raise ConfigError(f"unknown model.net.precondition '{precondition}'; choose one of {choices}")
+        if precondition == "edm" and not sigma_embedding:
+            raise ConfigError("model.net.precondition=edm needs model.net.sigma_embedding=true (its input scaling c_in "
+                              "hides σ from a network that has to infer it)")
+        if not float(sigma_data) > 0:
+            raise ConfigError(f"model.net.sigma_data must be > 0 (got {sigma_data})")
+        self.precondition = precondition
+        self.sigma_data = float(sigma_data)
         self.in_channels = in_channels
         self.image_size = image_size
         self.ngf = ngf
@@ -143,8 +166,21 @@ class NCSNv2(nn.Module):
 
         Divide by sigma (see :func:`ncsn.nets.score_function`) to get the score.
         """
+        if self.precondition == "edm":
+            return self._preconditioned(x, levels)
+        return self._body(2.0 * x - 1.0 if self.rescale_input else x, levels)
+
+    def _preconditioned(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """σ·s = (D − x)/σ with EDM's D = c_skip·y + c_out·F(c_in·y) on the centred data y (see the class)."""
+        s = sigma.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        y = x - 0.5 if self.rescale_input else x
+        var = s.square() + self.sigma_data ** 2
+        body = self._body(y * var.rsqrt(), sigma)
+        # (c_skip − 1)·y/σ + c_out/σ · F
+        return -s * y / var + self.sigma_data * var.rsqrt() * body
+
+    def _body(self, h: torch.Tensor, levels: torch.Tensor | None) -> torch.Tensor:
         emb = self.sigma_embed(levels) if self.sigma_embedding else None
-        h = 2.0 * x - 1.0 if self.rescale_input else x
         h = self.begin_conv(h)
 
         skips = []

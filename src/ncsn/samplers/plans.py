@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,9 +24,11 @@ LevelUpdate = Callable[..., torch.Tensor]
 
 #: each sampler's settings and their defaults (``conf/sampler/NAME.yaml`` holds the same)
 SAMPLER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "ald": {"n_steps_each": 100, "step_lr": 2e-5, "denoise": False},
-    "pc": {"n_corrector": 1, "snr": 0.16, "denoise": True},
-    "cas": {"n_steps_each": 1, "step_lr": 2e-5, "denoise": True},
+    # num_levels: null walks the trained σ list; N walks N levels spaced geometrically from σ_1 to σ_L (a network
+    # that takes any σ only: NCSNv2, with or without its σ embedding)
+    "ald": {"n_steps_each": 100, "step_lr": 2e-5, "denoise": False, "num_levels": None},
+    "pc": {"n_corrector": 1, "snr": 0.16, "denoise": True, "num_levels": None},
+    "cas": {"n_steps_each": 1, "step_lr": 2e-5, "denoise": True, "num_levels": None},
     # the few-step samplers (ncsn.samplers.fewstep): a ρ-spaced σ grid (or the trained levels), then σ = 0;
     # sigma_max / sigma_min null = the checkpoint's σ_1 / σ_L
     "euler": {"num_steps": 35, "rho": 7.0, "grid": "karras", "sigma_max": None, "sigma_min": None,
@@ -307,15 +310,61 @@ def cas_plan(sigmas: torch.Tensor, n_steps_each: int = 1, step_lr: float = 2e-5,
                        "consistent annealed sampling")
 
 
+class AtSigmas:
+    """A level update that asks the score at the σ of its own level list (``sampler.num_levels``) rather than at
+    an index into the trained list: level i of the plan is evaluated at exactly ``sigmas[i]``."""
+
+    def __init__(self, update: LevelUpdate, sigmas: torch.Tensor) -> None:
+        self.update, self.sigmas = update, sigmas.detach().cpu()
+        self._key = (update, tuple(self.sigmas.tolist()))
+        self._on: dict[tuple, torch.Tensor] = {}  # per device and dtype: no host copy inside a CUDA-graph capture
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AtSigmas) and self._key == other._key
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __call__(self, score_fn: ScoreFn, x: torch.Tensor, levels: torch.Tensor, *args: Any) -> torch.Tensor:
+        key = (str(x.device), x.dtype)
+        if key not in self._on:
+            self._on[key] = self.sigmas.to(device=x.device, dtype=x.dtype)
+        return self.update(score_fn, x, self._on[key][levels], *args)
+
+
+def sampling_levels(sigmas: torch.Tensor, settings: Mapping[str, Any],
+                    snap: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor | None:
+    """The σ list a level sampler walks when ``sampler.num_levels`` is set: N levels spaced geometrically from the
+    trained σ_1 to σ_L (None when unset: the trained list). Needs a network evaluated at any σ (``snap`` says)."""
+    if settings.get("num_levels") is None:
+        return None
+    n = _int_setting(settings, "num_levels", 2)
+    sub = torch.exp(torch.linspace(math.log(float(sigmas[0])), math.log(float(sigmas[-1])), n, dtype=torch.float64))
+    sub = sub.to(sigmas.dtype)
+    if snap is not None and not torch.allclose(snap(sub.to(sigmas.device)).cpu(), sub):
+        raise ConfigError("sampler.num_levels needs a network that takes any σ (model=ncsnv2); this one knows only "
+                          "its trained levels: leave sampler.num_levels=null")
+    return sub.to(sigmas.device)
+
+
 def build_plan(sigmas: torch.Tensor, settings: Mapping[str, Any] | None,
                snap: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SamplerPlan:
-    """The plan of the sampler named in ``settings['name']`` (default ``ald``) on ``sigmas``. ``snap`` (the
-    few-step samplers): the σ the network is really evaluated at for a wanted σ (``score_function(...).snap``)."""
+    """The plan of the sampler named in ``settings['name']`` (default ``ald``) on ``sigmas``. ``snap``: the σ the
+    network is really evaluated at for a wanted σ (``score_function(...).snap``): the few-step samplers' grids and
+    ``num_levels`` go through it."""
     s = sampler_settings(settings)
     if s["name"] in FEWSTEP_SAMPLERS:
         from ncsn.samplers.fewstep import fewstep_plan  # fewstep builds on this module's SamplerPlan
 
         return fewstep_plan(sigmas, s, snap)
+    sub = sampling_levels(sigmas, s, snap)
+    if sub is None:
+        return _level_plan(sigmas, s)
+    plan = _level_plan(sub, s)
+    return dataclasses.replace(plan, update=AtSigmas(plan.update, sub), level_sigmas=sub)
+
+
+def _level_plan(sigmas: torch.Tensor, s: Mapping[str, Any]) -> SamplerPlan:
     if s["name"] == "pc":
         return pc_plan(sigmas, s["n_corrector"], float(s["snr"]), bool(s["denoise"]))
     if s["name"] == "cas":
@@ -331,6 +380,7 @@ def nfe(settings: Mapping[str, Any] | None, num_levels: int) -> int:
 
         return fewstep_nfe(s, num_levels)
     denoise = int(bool(s["denoise"]))
+    num_levels = _int_setting(s, "num_levels", 2) if s.get("num_levels") is not None else num_levels
     if s["name"] == "pc":
         return num_levels * (1 + _int_setting(s, "n_corrector", 0))
     if s["name"] == "cas":
