@@ -22,7 +22,7 @@ from ncsn.sigmas import SIGMA_BIN_PREFIX, geometric_sigmas, sigma_bin_key, sigma
 # the CPU recipe (95 levels, EMA, its logger: W&B offline), shortened: 3 validations, 2 sampling passes
 SHORT_CPU = ["experiment=cpu", "trainer.max_time=null", "trainer.max_steps=60", "trainer.val_check_interval=20",
              "callbacks.sample_grid.every_n_steps=30", "callbacks.sample_grid.num_samples=16",
-             "sampler.num_steps=3", "callbacks.progress_bar=null"]
+             "sampler.num_levels=3", "sampler.step_lr=1e-4", "callbacks.progress_bar=null"]
 
 
 @pytest.fixture(scope="module")

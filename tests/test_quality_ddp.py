@@ -12,7 +12,8 @@ from conftest import ROOT, run_entry
 
 SHORT = ["experiment=cpu", "trainer=ddp_sim", "trainer.max_steps=40", "trainer.max_time=null",
          "trainer.val_check_interval=20", "callbacks.sample_grid.every_n_steps=20",
-         "callbacks.sample_grid.num_samples=16", "sampler.num_steps=3", "callbacks.progress_bar=null", "logger=csv"]
+         "callbacks.sample_grid.num_samples=16", "sampler.num_levels=3", "sampler.step_lr=1e-4",
+         "callbacks.progress_bar=null", "logger=csv"]
 
 
 @pytest.mark.slow

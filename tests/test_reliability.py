@@ -34,7 +34,7 @@ MISUSE = [
     ("step-lr-not-positive", "train.py sampler=ald sampler.step_lr=0", "sampler.step_lr must be > 0", 2),
     ("no-langevin-steps", "train.py sampler=ald sampler.n_steps_each=0", "sampler.n_steps_each must be an integer >= 1",
      2),
-    ("no-grid-steps", "train.py sampler.num_steps=0", "sampler.num_steps must be an integer >= 1", 2),
+    ("no-grid-steps", "train.py sampler=edm sampler.num_steps=0", "sampler.num_steps must be an integer >= 1", 2),
     ("snr-not-positive", "train.py sampler=pc sampler.snr=0", "sampler.snr must be > 0", 2),
     ("batch-not-divisible", "train.py trainer=ddp_sim data.batch_size=127", "not divisible by 2 devices", 2),
     ("gpu-without-gpu", "train.py trainer=gpu", "trainer=gpu needs a CUDA GPU", 2),

@@ -624,12 +624,13 @@ def test_ncsnv2_schedules_at_target_one_half():
 def test_a_sigma_max_sweep_of_the_cpu_recipe_is_ranked_by_sample_quality_and_the_covering_sigma_wins(tmp_path):
     """σ_1 = 1 does not cover the digits' spread (largest pairwise distance 15.77, NCSNv2 technique 1): its
     samples are mostly degenerate (measured at 600 steps: 83 % degenerate, fd_ratio 27.2 vs 7.8 %, 11.8). The
-    report must rank by the quality metric, and rank 15.77 first. Measured with the σ-free network and cas T = 2
-    (the CPU recipe before issue 31), which this test keeps: with the σ embedding, log-uniform σ and edm, 300 steps
-    ranked σ_1 = 1 first once (2026-12-06; not investigated further)."""
+    report must rank by the quality metric, and rank 15.77 first. Measured with the σ-free network and cas T = 2 on
+    all 95 levels (the CPU recipe before issue 31), which this test keeps: with the σ embedding, log-uniform σ and
+    edm, 300 steps ranked σ_1 = 1 first once (2026-12-06; not investigated further)."""
     sweep = tmp_path / "sweep"
-    result = run_entry("train.py", "-m", "experiment=cpu", "model.net.sigma_embedding=false", "model.sigma_draw=levels",
-                       "sampler=cas", "sampler.n_steps_each=2", "sampler.step_lr=2e-5",
+    result = run_entry("train.py", "-m", "experiment=cpu", "model.net.sigma_embedding=false",
+                       "model.net.precondition=none", "model.sigma_draw=levels",
+                       "sampler=cas", "sampler.n_steps_each=2", "sampler.step_lr=2e-5", "sampler.num_levels=null",
                        "sigmas.sigma_max=1,15.77", "trainer.max_steps=300",
                        "trainer.max_time=null", "callbacks.sample_grid.every_n_steps=0",
                        "callbacks.sample_grid.num_samples=64", "callbacks.progress_bar=null", "logger=csv",
