@@ -140,6 +140,7 @@ SAMPLER_SETTINGS = [
     {"name": "ald", "n_steps_each": 3, "step_lr": 0.05, "denoise": True},
     {"name": "pc", "n_corrector": 2, "snr": 0.16, "denoise": True},
     {"name": "cas", "n_steps_each": 2, "step_lr": 0.5, "denoise": True},
+    {"name": "cas", "n_steps_each": 2, "step_lr": 0.8, "denoise": True, "num_levels": 4},
     {"name": "euler", "num_steps": 6},
     {"name": "heun", "num_steps": 6},
     {"name": "heun", "num_steps": 6, "corrector_steps": 2},
