@@ -9,7 +9,7 @@ the machine, not assumed.
 * :func:`offered_kernel_sets`: the sets PyTorch can run on this CPU, read from ``/proc/cpuinfo`` (no torch);
   the first one is PyTorch's own pick.
 * :func:`measure`: times training steps (DSM loss, backward, Adam) and network evaluations (a sampling step) of
-  the run's network under each set, each set in its own subprocess (``python -m ncsn.cpu_kernels --time``) with
+  the run's network under each set, each set in its own subprocess (``python -m ncsn.app.cpu_kernels --time``) with
   the environment set; a warm-up, then about 2.5 s + 1.5 s of timed steps per set, of which the fastest step counts
   (other work on the machine only ever slows a step down); about 20 s in all on 2 cores, the imports included.
 * a JSON cache (``cpu_kernels.json`` in ``$NCSN_CACHE_DIR``, else ``$XDG_CACHE_HOME/ncsn``, else
@@ -248,7 +248,7 @@ def time_here(workload: Workload) -> dict[str, Any]:
     (DSM loss, backward, Adam) and per network evaluation at the training batch, and torch's capability."""
     import torch
 
-    from ncsn.app import instantiate
+    from ncsn.app.common import instantiate
     from ncsn.losses import dsm_loss
     from ncsn.nets import score_function
     from ncsn.perf import PerfRuntime, PerfSettings
@@ -294,7 +294,7 @@ def time_in_subprocess(kset: KernelSet, workload: Workload) -> dict[str, float]:
     env[SWITCH] = "off"
     src = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
-    cmd = [sys.executable, "-m", "ncsn.cpu_kernels", "--time", workload.to_json()]
+    cmd = [sys.executable, "-m", "ncsn.app.cpu_kernels", "--time", workload.to_json()]
     try:
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired as exc:
@@ -471,7 +471,7 @@ def _compose(conf_dir: Path, name: str, overrides: list[str]):
 
 def _train_run(argv: Sequence[str], conf_dir: Path) -> tuple[bool, Any]:
     """(a CUDA run?, the run config) of ``train.py argv``."""
-    from ncsn.app import choose_experiment
+    from ncsn.app.command_line import choose_experiment
 
     cuda = cuda_visible()
     argv, _ = choose_experiment(list(argv), cuda)
@@ -568,8 +568,7 @@ def calibrate(argv: Sequence[str], say: Say = say_line, path: Path | None = None
     """``python -m ncsn.perf calibrate [overrides]``: measure the kernel sets for the network of
     ``train.py [overrides]`` on the CPU (the cache entry is replaced) and print the choice for training and for
     sampling."""
-    from ncsn.app import choose_experiment
-    from ncsn.schedule_cli import find_conf_dir
+    from ncsn.app.command_line import choose_experiment, find_conf_dir
 
     sets = offered_kernel_sets()
     if len(sets) < 2:

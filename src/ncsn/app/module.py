@@ -18,9 +18,9 @@ import lightning as L
 import torch
 from torch import nn
 
+from ncsn.app.lightning_private import attached_trainer
 from ncsn.diagnostics import grad_norm, health_metrics
 from ncsn.errors import ConfigError, UserError
-from ncsn.lightning_private import attached_trainer
 from ncsn.losses import LossOutput, dsm_loss, indexed_normal, level_probabilities, sliced_score_matching_loss
 from ncsn.nets import noise_input, score_function
 from ncsn.perf import PerfRuntime, PerfSettings, graphed_sample, optimizer_kwargs, parameter_token
@@ -345,9 +345,9 @@ class ScoreModel(L.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resume from the raw weights also when EMA is switched off for this run: the checkpoint's
-        ``state_dict`` holds the EMA weights and ``current_model_state`` the raw ones (``ncsn.ema``); with an
+        ``state_dict`` holds the EMA weights and ``current_model_state`` the raw ones (``ncsn.app.ema``); with an
         EMA callback attached, that callback restores both itself."""
-        from ncsn.ema import weight_averaging
+        from ncsn.app.ema import weight_averaging
 
         if "current_model_state" not in checkpoint or attached_trainer(self) is None:
             return
@@ -369,7 +369,7 @@ class ScoreModel(L.LightningModule):
 
     def optimizer_and_scheduler(self) -> tuple[torch.optim.Optimizer, Any]:
         """:meth:`configure_optimizers` as a pair (the scheduler None when there is none), for loops outside
-        Lightning (``ncsn.diagnostics.probe_learning``, ``ncsn.convert``, ``bench/``)."""
+        Lightning (``ncsn.diagnostics.probe_learning``, ``ncsn.tools.convert``, ``bench/``)."""
         configured = self.configure_optimizers()
         if isinstance(configured, dict):
             return configured["optimizer"], configured.get("lr_scheduler", {}).get("scheduler")
