@@ -83,8 +83,8 @@ def read_torch_file(path: str | Path, *, trust: bool = False, mmap: bool = False
     the first one, and nothing of it has run. ``trust=True`` (the user's ``trust_checkpoint=true``) logs a
     warning once per file and unpickles everything. Other read errors propagate as torch raises them.
 
-    The ``_target_`` names that a checkpoint of an earlier release stores (``ncsn.module.ScoreModel``) come back
-    as today's (``ncsn.app.module.ScoreModel``): :func:`ncsn.moved.upgrade_targets`.
+    The ``_target_`` names that a checkpoint of an earlier release stores come back as today's (the LightningModule
+    as ``ncsn.app.module.ScoreModel``): :func:`ncsn.moved.upgrade_targets`.
     """
     p = Path(path)
     if trust:

@@ -84,13 +84,14 @@ def quality_metric_for(
     non-digit images; without it (and without the file in torch hub's cache) ``quality/kid_pixels`` replaces
     ``quality/kid_inception`` and one warning line says so.
     """
-    from ncsn.app.datamodules import ImageDataModule, ToyDataModule
+    from ncsn.data.datasets import IMAGE_DATASETS
 
     if int(num_samples) < 2:
         raise ConfigError(f"quality num_samples must be >= 2, got {num_samples}")
-    if isinstance(datamodule, ToyDataModule):
+    name = getattr(datamodule, "name", None)  # the datamodules of ncsn.app.datamodules, or any with their fields
+    if name == "toy_gmm":
         return ToyMixtureQuality(num_samples)
-    if not isinstance(datamodule, ImageDataModule):
+    if name not in IMAGE_DATASETS:
         return None
     kind = quality_kind({"name": datamodule.name, "image_size": datamodule.image_size},
                         inception_weights=inception_weights)

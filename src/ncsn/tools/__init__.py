@@ -3,5 +3,5 @@ build a run's objects from its config): ``convert`` (official checkpoints -> our
 ``report`` (a sweep's report; rows from ``report_jobs``), ``sigma_helper`` (``python -m ncsn.sigmas suggest``:
 NCSNv2's σ rules for a dataset), ``score`` (``python -m ncsn.metrics score FILE.npz``).
 
-Old spellings that still run: ``python -m ncsn.convert``, ``ncsn.report``, ``ncsn.schedule_cli`` (``ncsn.moved``).
+The spellings of earlier releases (before the tools moved here) still run: ``ncsn.moved.OLD_COMMANDS``.
 """
