@@ -41,7 +41,7 @@ def sample_command(ckpt: Path) -> str:
     python = ("python" if on_path and Path(on_path).absolute().parent == Path(sys.executable).absolute().parent
               else shown(Path(sys.executable)))
     sample_py = next((p for p in (Path(sys.argv[0]).absolute().with_name("sample.py"), Path.cwd() / "sample.py",
-                                  Path(__file__).resolve().parents[2] / "sample.py") if p.is_file()),
+                                  Path(__file__).resolve().parents[3] / "sample.py") if p.is_file()),
                      Path("sample.py"))
     return f"{python} {shown(sample_py)} ckpt_path={shlex.quote(str(ckpt.resolve()))} num_samples=256"
 

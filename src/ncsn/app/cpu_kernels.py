@@ -292,7 +292,7 @@ def time_in_subprocess(kset: KernelSet, workload: Workload) -> dict[str, float]:
     """:func:`time_here` in a fresh process that runs ``kset`` (checked against torch's report)."""
     env = kernel_env(kset)
     env[SWITCH] = "off"
-    src = str(Path(__file__).resolve().parents[1])
+    src = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
     cmd = [sys.executable, "-m", "ncsn.app.cpu_kernels", "--time", workload.to_json()]
     try:
