@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
-from ncsn.app.cpu_kernels import describe_kernels
+from ncsn.app.cpu_timing import describe_kernels
 from ncsn.app.sample import load_model
 from ncsn.errors import UserError
 from ncsn.samplers import describe_sampler

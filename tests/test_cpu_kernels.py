@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from ncsn.app import cpu_kernels as ck
+from ncsn.app.cpu_timing import KERNEL_SETS
 
 CONF = ROOT / "conf"
 TWO_SETS = ("processor\t: 0\nmodel name\t: Test CPU 9000\n"
@@ -212,14 +213,14 @@ def _offered_here() -> list[str]:
 def test_the_choice_reaches_torch_in_a_child_process():
     """ATen and oneDNN both run AVX2 kernels in a process started with the chosen environment."""
     entry = {"seconds_per_step": AVX2_FASTER}
-    sets = [k for k in ck.KERNEL_SETS if k.name in ("avx512", "avx2")]
+    sets = [k for k in KERNEL_SETS if k.name in ("avx512", "avx2")]
     env = dict(os.environ)
     ck.apply(ck.choose(entry, sets, "train", Path("c.json")), environ=env)
     assert env[ck.CHOSEN] == "avx2"
     code = ("import torch\n"
             "with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):\n"
             "    torch.nn.functional.conv2d(torch.rand(2, 16, 32, 32), torch.rand(16, 16, 3, 3))\n"
-            "from ncsn.app.cpu_kernels import describe_kernels\n"
+            "from ncsn.app.cpu_timing import describe_kernels\n"
             "print('capability', torch.backends.cpu.get_cpu_capability(), flush=True)\n"
             "print('table says', describe_kernels(), flush=True)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
