@@ -22,8 +22,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ncsn.nets.layers import ConditionalResidualBlock, RefineBlock, ResidualBlock, check_sizes
+from ncsn.nets.layers import ConditionalResidualBlock, ResidualBlock, check_sizes
 from ncsn.nets.normalization import InstanceNorm2dPlus, SigmaEmbedding, SigmaInstanceNorm2dPlus
+from ncsn.nets.refine_blocks import RefineBlock
 
 
 class Stage(NamedTuple):
