@@ -223,3 +223,53 @@ def test_the_old_command_spellings_still_run():
     refused = subprocess.run([sys.executable, "-c", "import ncsn.convert"], capture_output=True, text=True, env=env,
                              check=False)
     assert refused.returncode != 0 and "No module named 'ncsn.convert'" in refused.stderr
+
+
+# ---------------------------------------------------------------------------------------------- the README
+def layout_block() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Layout and design\n", 1)[1].split("\n## ", 1)[0]
+    return section.split("```\n", 2)[1].splitlines()
+
+
+def named_in_layout() -> tuple[set[Path], list[str]]:
+    """The files and folders the README's layout block names, and the names it gives that do not exist. A line at
+    column 0 names paths from the repository root (``src/ncsn/app/`` then sets the folder of the lines below it);
+    an indented line's first word is in that folder, and a folder there (``nets/``) is where its own description
+    and continuation lines name files."""
+    named: set[Path] = set()
+    missing: list[str] = []
+    base = pkg = ROOT
+    for line in layout_block():
+        indent = len(line) - len(line.lstrip())
+        words = line.split()
+        if not words:
+            continue
+        if indent == 0:
+            base = ROOT / words[0] if words[0].startswith("src/") else ROOT
+            pkg = base
+            if words[0].startswith("src/"):
+                named.add(base)
+                words = words[1:]
+        elif indent == 2:
+            pkg = base / words[0] if words[0].endswith("/") else base
+        for word in words:
+            word = word.strip(",;:()")
+            if not re.fullmatch(r"[\w./]+\.py|[\w]+/", word):
+                continue
+            places = [pkg / word, base / word, SRC / word, ROOT / word]
+            found = next((p for p in places if p.exists()), None)
+            if found is None:
+                missing.append(word)
+            else:
+                named.add(found.resolve())
+    return named, missing
+
+
+def test_the_readme_layout_names_every_module_and_only_modules_that_exist():
+    named, missing = named_in_layout()
+    assert not missing, f"the README's layout names what does not exist: {missing}"
+    modules = {p.resolve() for p in SRC.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    packages = {p.parent.resolve() for p in SRC.rglob("__init__.py")}
+    unnamed = sorted(str(p.relative_to(SRC)) for p in (modules | packages) - named)
+    assert not unnamed, f"the README's layout does not name: {unnamed}"
