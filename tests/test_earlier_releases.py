@@ -26,7 +26,7 @@ from hydra.utils import get_object
 
 from ncsn.app.checkpoints import load_checkpoint
 from ncsn.app.sample import load_model, sample
-from ncsn.moved import MOVED_MODULES
+from ncsn.moved import MOVED_MODULES, new_target, upgrade_targets
 
 RELEASES = {
     "57e6228": ROOT / "tests" / "data" / "release_57e6228_toy_gmm.ckpt",
@@ -85,3 +85,31 @@ def test_the_checkpoint_of_the_release_before_the_split_resumes_in_train_py(tmp_
     assert (record["global_step"], record["train_steps"]) == (6, 2)  # continued at step 4, as saved
     resumed = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert resumed["ncsn_config"]["model"]["_target_"] == "ncsn.app.module.ScoreModel"  # carried on as today's
+
+
+def test_new_target_maps_every_old_target_of_the_earlier_releases():
+    old = {
+        "ncsn.module.ScoreModel": "ncsn.app.module.ScoreModel",
+        "ncsn.ema.EMA": "ncsn.app.ema.EMA",
+        "ncsn.checkpoints.FinalStepCheckpoint": "ncsn.app.checkpoints.FinalStepCheckpoint",
+        "ncsn.best_checkpoint.BestQualityCheckpoint": "ncsn.app.best_checkpoint.BestQualityCheckpoint",
+        "ncsn.progress.StepProgressBar": "ncsn.app.progress.StepProgressBar",
+        "ncsn.callbacks.SampleGridCallback": "ncsn.app.callbacks.SampleGridCallback",
+        "ncsn.callbacks.SigmaLossChart": "ncsn.app.callbacks.SigmaLossChart",
+        "ncsn.data.ToyDataModule": "ncsn.app.datamodules.ToyDataModule",
+        "ncsn.data.ImageDataModule": "ncsn.app.datamodules.ImageDataModule",
+        "ncsn.app.wandb_logger": "ncsn.app.common.wandb_logger",
+        "ncsn.sweeps.resolve_optimized_metric": "ncsn.app.sweeps.resolve_optimized_metric",
+        "ncsn.metrics.FIDCallback": "ncsn.app.fid_callback.FIDCallback",
+        "ncsn.sigmas.geometric_sigmas": "ncsn.sigmas.geometric_sigmas",  # not moved
+        "ncsn.nets.ToyScoreMLP": "ncsn.nets.ToyScoreMLP",
+        "ncsn.metrics.SmallFeatureNet": "ncsn.metrics.SmallFeatureNet",
+    }
+    for before, after in old.items():
+        assert new_target(before) == after
+        assert get_object(after) is not None
+    assert new_target("ncsn.app.common.wandb_logger") == "ncsn.app.common.wandb_logger"  # new names stay
+    cfg = {"model": {"_target_": "ncsn.module.ScoreModel", "net": {"_target_": "ncsn.nets.NCSN"}},
+           "callbacks": [{"_target_": "ncsn.ema.EMA"}], "note": "ncsn.module.ScoreModel"}
+    assert targets_in(upgrade_targets(cfg)) == ["ncsn.app.module.ScoreModel", "ncsn.nets.NCSN", "ncsn.app.ema.EMA"]
+    assert cfg["note"] == "ncsn.module.ScoreModel"  # only _target_ values are names to build

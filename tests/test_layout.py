@@ -14,7 +14,7 @@ from pathlib import Path
 
 from conftest import ROOT
 
-from ncsn.moved import MOVED_MODULES, MOVED_NAMES, OLD_COMMANDS, new_target, upgrade_targets
+from ncsn.moved import MOVED_MODULES, MOVED_NAMES, OLD_COMMANDS
 
 SRC = ROOT / "src" / "ncsn"
 MAX_LINES = 400
@@ -171,44 +171,6 @@ def test_the_old_names_live_only_in_the_table():
         stale += [f"ncsn.app.{n}" for n in app_names if not (SRC / "app" / f"{n}.py").exists()]
         stale += re.findall(r"ncsn\.data\.(?:ImageDataModule|ToyDataModule|per_device_batch_size)", text)
         assert not stale, f"{path.relative_to(ROOT)} names {sorted(set(stale))}"
-
-
-def targets_in(obj) -> list[str]:
-    if isinstance(obj, dict):
-        return [v for k, v in obj.items() if k == "_target_"] + [t for v in obj.values() for t in targets_in(v)]
-    if isinstance(obj, list):
-        return [t for v in obj for t in targets_in(v)]
-    return []
-
-
-def test_new_target_maps_every_old_target_of_the_earlier_releases():
-    from hydra.utils import get_object
-
-    old = {
-        "ncsn.module.ScoreModel": "ncsn.app.module.ScoreModel",
-        "ncsn.ema.EMA": "ncsn.app.ema.EMA",
-        "ncsn.checkpoints.FinalStepCheckpoint": "ncsn.app.checkpoints.FinalStepCheckpoint",
-        "ncsn.best_checkpoint.BestQualityCheckpoint": "ncsn.app.best_checkpoint.BestQualityCheckpoint",
-        "ncsn.progress.StepProgressBar": "ncsn.app.progress.StepProgressBar",
-        "ncsn.callbacks.SampleGridCallback": "ncsn.app.callbacks.SampleGridCallback",
-        "ncsn.callbacks.SigmaLossChart": "ncsn.app.callbacks.SigmaLossChart",
-        "ncsn.data.ToyDataModule": "ncsn.app.datamodules.ToyDataModule",
-        "ncsn.data.ImageDataModule": "ncsn.app.datamodules.ImageDataModule",
-        "ncsn.app.wandb_logger": "ncsn.app.common.wandb_logger",
-        "ncsn.sweeps.resolve_optimized_metric": "ncsn.app.sweeps.resolve_optimized_metric",
-        "ncsn.metrics.FIDCallback": "ncsn.app.fid_callback.FIDCallback",
-        "ncsn.sigmas.geometric_sigmas": "ncsn.sigmas.geometric_sigmas",  # not moved
-        "ncsn.nets.ToyScoreMLP": "ncsn.nets.ToyScoreMLP",
-        "ncsn.metrics.SmallFeatureNet": "ncsn.metrics.SmallFeatureNet",
-    }
-    for before, after in old.items():
-        assert new_target(before) == after
-        assert get_object(after) is not None
-    assert new_target("ncsn.app.common.wandb_logger") == "ncsn.app.common.wandb_logger"  # new names stay
-    cfg = {"model": {"_target_": "ncsn.module.ScoreModel", "net": {"_target_": "ncsn.nets.NCSN"}},
-           "callbacks": [{"_target_": "ncsn.ema.EMA"}], "note": "ncsn.module.ScoreModel"}
-    assert targets_in(upgrade_targets(cfg)) == ["ncsn.app.module.ScoreModel", "ncsn.nets.NCSN", "ncsn.app.ema.EMA"]
-    assert cfg["note"] == "ncsn.module.ScoreModel"  # only _target_ values are names to build
 
 
 def test_the_old_command_spellings_still_run():
