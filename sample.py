@@ -1,6 +1,6 @@
 """Sample from a trained checkpoint: python sample.py ckpt_path=RUN/checkpoints/last.ckpt [mode=...]
 
-Composes conf/sample.yaml and calls ncsn.sampling_app.sample. See README.md.
+Composes conf/sample.yaml and calls ncsn.app.sample.sample. See README.md.
 """
 
 import sys
@@ -9,8 +9,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from ncsn.app import run_entry_point, user_errors_exit
-from ncsn.cpu_kernels import apply_for_entry_point
+from ncsn.app.command_line import run_entry_point
+from ncsn.app.common import user_errors_exit
+from ncsn.app.cpu_kernels import apply_for_entry_point
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 if __name__ == "__main__":  # before anything imports torch, which reads its CPU kernel choice once
@@ -20,7 +21,7 @@ if __name__ == "__main__":  # before anything imports torch, which reads its CPU
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 @user_errors_exit
 def main(cfg: DictConfig) -> None:
-    from ncsn.sampling_app import sample
+    from ncsn.app.sample import sample
 
     sample(cfg)
 

@@ -8,13 +8,13 @@ and run ``--steps`` optimizer steps at the recipe's batch size, after ``--warmup
 * **plain**: ``ScoreModel.compute_loss`` on random batches of the bundled training digits held in memory (already
   dequantised), ``backward``, ``clip_grad_norm_(1.0)``, ``Adam.step``, ``LinearLR.step`` — forward, backward and
   optimizer only, nothing else;
-* **app**: ``ncsn.training.train`` with the recipe's callbacks and logger as shipped (W&B offline, progress bar,
+* **app**: ``ncsn.app.train.train`` with the recipe's callbacks and logger as shipped (W&B offline, progress bar,
   LR monitor, metrics file, EMA — updated from step 0, as it is for 90 % of the recipe's steps), without
   validation and sample passes (timed apart by the app itself): its steps/s is ``metrics.json``'s
   ``images_per_second / batch`` (training time only, first step excluded).
 
 Both loops run under each of PyTorch's CPU kernel sets this CPU offers (AVX-512 and AVX2 on an AVX-512 CPU;
-``ncsn.cpu_kernels``), each set in its own process (torch reads the choice once, at start), the sets interleaved
+``ncsn.app.cpu_kernels``), each set in its own process (torch reads the choice once, at start), the sets interleaved
 repeat by repeat. Prints per set both rates and their ratio (the issue-20 target: the app within 10 % of the plain
 loop), and the sets' ratios (issue 37); ``--kernels current`` runs both loops once in this process, with the kernels
 its environment gives (``ATEN_CPU_CAPABILITY`` / ``ONEDNN_MAX_CPU_ISA``), then the split of one app step by cProfile
@@ -46,7 +46,7 @@ def compose(overrides: list[str]):
 def plain_steps_per_second(overrides: list[str], steps: int, warmup: int, seed: int = 0) -> float:
     import torch
 
-    from ncsn.app import instantiate
+    from ncsn.app.common import instantiate
 
     cfg = compose(overrides)
     torch.manual_seed(seed)
@@ -76,7 +76,7 @@ def plain_steps_per_second(overrides: list[str], steps: int, warmup: int, seed: 
 
 
 def app_steps_per_second(overrides: list[str], steps: int, warmup: int, out_dir: Path, profile: bool) -> float:
-    from ncsn import training
+    from ncsn.app import train as training
 
     cfg = compose([*overrides, f"trainer.max_steps={steps + warmup}", "trainer.max_time=null",
                    "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
@@ -113,7 +113,7 @@ def run_here(args: argparse.Namespace, overrides: list[str]) -> dict:
 
 def run_kernel_sets(args: argparse.Namespace, overrides: list[str]) -> dict[str, dict]:
     """Both loops under each kernel set this CPU offers, one process per set and repeat, the sets interleaved."""
-    from ncsn.cpu_kernels import kernel_env, offered_kernel_sets
+    from ncsn.app.cpu_kernels import kernel_env, offered_kernel_sets
 
     sets = offered_kernel_sets()
     if not sets:

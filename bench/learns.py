@@ -43,7 +43,7 @@ def recipe_key(overrides: list[str]) -> str:
 
 def digits_like(shape: tuple[int, ...], data_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, held-out) real bundled digits in the model range, shaped [N, *shape] (padded / repeated)."""
-    from ncsn.data import ImageDataModule
+    from ncsn.app.datamodules import ImageDataModule
 
     dm = ImageDataModule(name="mnist_bundled", data_dir=data_dir)
     dm.setup()
@@ -66,7 +66,7 @@ def digits_like(shape: tuple[int, ...], data_dir: str) -> tuple[torch.Tensor, to
 def probe(overrides: list[str], *, steps: int, batch_size: int, eval_every: int = 0, heldout: int = 128,
           seed: int = 0, threads: int | None = None, log=None) -> dict:
     """Build the composed experiment and run ``ncsn.diagnostics.probe_learning`` on real digits."""
-    from ncsn.app import instantiate
+    from ncsn.app.common import instantiate
     from ncsn.diagnostics import probe_learning
 
     if threads:

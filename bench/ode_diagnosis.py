@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import save_image
 
+from ncsn.app.sample import load_model
 from ncsn.errors import UserError
-from ncsn.sampling_app import load_model
 
 LAPLACE = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 

@@ -180,7 +180,7 @@ def scored_checkpoints(run_dir: Path, every: bool) -> list[Path | None]:
 
 
 def checkpoint_step(ckpt: Path) -> int | None:
-    from ncsn.checkpoints import read_torch_file
+    from ncsn.app.checkpoints import read_torch_file
 
     try:
         return int(read_torch_file(ckpt, mmap=True).get("global_step", -1))

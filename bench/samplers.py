@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
-from ncsn.cpu_kernels import describe_kernels
+from ncsn.app.cpu_timing import describe_kernels
+from ncsn.app.sample import load_model
 from ncsn.errors import UserError
 from ncsn.samplers import describe_sampler
-from ncsn.sampling_app import load_model
 from ncsn.sigmas import technique4_step_lr
 
 
@@ -83,7 +83,7 @@ def draw(model, settings: dict, num: int, batch: int, seed: int) -> tuple[torch.
 
 
 def quality_metric(run_cfg, num: int, device):
-    from ncsn.metrics import quality_metric_for_data
+    from ncsn.app.datamodules import quality_metric_for_data
 
     return quality_metric_for_data(run_cfg.data, num_samples=num, device=device)
 

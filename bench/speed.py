@@ -69,7 +69,7 @@ from typing import Any
 
 import torch
 
-from ncsn.module import ScoreModel
+from ncsn.app.module import ScoreModel
 from ncsn.nets import NCSN, NCSNv2, score_function
 from ncsn.perf import PerfSettings
 from ncsn.sigmas import geometric_sigmas

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # the train.py / sample.py processes the tests start (seen here: 7-50x slowdowns on a busy 2-core machine).
 torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).parent))  # tests/fakes.py
-# No CPU kernel calibration (ncsn.cpu_kernels: about 20 s) in the train.py / sample.py processes the tests start;
+# No CPU kernel calibration (ncsn.app.cpu_kernels: about 20 s) in the train.py / sample.py processes the tests start;
 # tests/test_cpu_kernels.py turns it on where it is the subject.
 os.environ["NCSN_CPU_KERNELS"] = "off"
 
@@ -33,7 +33,7 @@ def run_entry(script: str, *overrides: str, timeout: int = 600, env: dict | None
 
 # Overrides that make a run tiny: NCSN with ngf 8 on the bundled digits, 4 steps, checkpoints every 2.
 TINY = ["experiment=mnist_paper", "debug=smoke", "model.net.ngf=8", "data.batch_size=16"]
-EMA_ON = "callbacks.ema={_target_:ncsn.ema.EMA,decay:0.9}"
+EMA_ON = "callbacks.ema={_target_:ncsn.app.ema.EMA,decay:0.9}"
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import lightning as L
 import numpy as np
 from PIL import Image
 
-from ncsn.data import ImageDataModule
+from ncsn.app.datamodules import ImageDataModule
 from ncsn.data.transforms import image_transform
 
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -160,7 +160,7 @@ class WeightsProbe(L.Callback):
         import torch
         from lightning.pytorch.callbacks import WeightAveraging
 
-        from ncsn.lightning_private import average_model
+        from ncsn.app.lightning_private import average_model
 
         def copy(state):
             return {k: v.detach().cpu().clone() for k, v in state.items()}

@@ -1,5 +1,5 @@
-"""``checkpoints/best.ckpt`` and the quality record in ``metrics.json`` (ncsn.best_checkpoint, the sample grid):
-the checkpoint monitors the key the sample grid's metric logs (one source: ``ncsn.sweeps.run_quality_key``), a
+"""``checkpoints/best.ckpt`` and the quality record in ``metrics.json`` (ncsn.app.best_checkpoint, the sample grid):
+the checkpoint monitors the key the sample grid's metric logs (one source: ``ncsn.app.sweeps.run_quality_key``), a
 monitor no pass logs is said once instead of silently never saving, and a resumed run keeps the earlier passes
 (their history travels in the checkpoint) and finishes without a pass of its own."""
 
@@ -17,8 +17,8 @@ from fakes import fake_inception_weights, write_cifar
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from ncsn import training
-from ncsn.app import instantiate
+from ncsn.app import train as training
+from ncsn.app.common import instantiate
 from ncsn.metrics import inception_available
 
 # passes at steps 2 and 4 (and none at the end: it is step 4's)
@@ -34,7 +34,7 @@ def compose_train(*overrides: str):
 
 
 def train(out_dir: Path, *overrides: str) -> dict:
-    """``ncsn.training.train`` in this process; returns the run's metrics.json."""
+    """``ncsn.app.train.train`` in this process; returns the run's metrics.json."""
     cfg = compose_train(*TWO_PASSES, *overrides, f"paths.output_dir={out_dir}")
     training.train(cfg)
     return json.loads((out_dir / "metrics.json").read_text())

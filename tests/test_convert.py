@@ -1,4 +1,4 @@
-"""ncsn.convert: official ermongroup/ncsn and ermongroup/ncsnv2 checkpoints into ours.
+"""ncsn.tools.convert: official ermongroup/ncsn and ermongroup/ncsnv2 checkpoints into ours.
 
 ermongroup/ncsn files are built from the OFFICIAL network's parameter names, shapes and order, kept as data in
 tests/data/ermongroup_ncsn_parameters.txt (read off models/cond_refinenet_dilated.py), not from our network:
@@ -25,9 +25,9 @@ from conftest import ROOT, run_entry
 from fakes import parameter_table
 from hydra import compose, initialize_config_dir
 
-from ncsn.app import instantiate
-from ncsn.convert import main as convert_main
-from ncsn.sampling_app import load_model
+from ncsn.app.common import instantiate
+from ncsn.app.sample import load_model
+from ncsn.tools.convert import main as convert_main
 
 NCSN_EXP = ["experiment=mnist_paper", "model.net.ngf=8"]
 V2_EXP = ["experiment=cifar10_ncsnv2", "model.net.ngf=8"]
@@ -129,10 +129,10 @@ def ncsnv2_source(tmp_path_factory):
 
 
 def run_convert(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """``python -m ncsn.convert args...`` as a user runs it."""
+    """``python -m ncsn.tools.convert args...`` as a user runs it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", "ncsn.convert", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "ncsn.tools.convert", *args], capture_output=True, text=True,
                           timeout=300, env=env, cwd=cwd, check=False)
 
 
@@ -245,8 +245,8 @@ def test_adam_moments_follow_the_parameter_names_not_positions(ncsn_source, tmp_
 
 def test_converted_checkpoint_inpaints_from_the_data_of_its_experiment(ncsn_source, tmp_path):
     """mode=inpaint reads the validation images through the data config stored in the converted checkpoint."""
-    from ncsn.convert import convert
-    from ncsn.sampling_app import sample
+    from ncsn.app.sample import sample
+    from ncsn.tools.convert import convert
 
     out = convert(ncsn_source[0], NCSN_EXP, tmp_path / "c.ckpt", echo=lambda *_: None)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

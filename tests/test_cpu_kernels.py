@@ -1,4 +1,4 @@
-"""The CPU kernel choice (ncsn.cpu_kernels, issue 37): measured once per machine and network, cached, applied
+"""The CPU kernel choice (ncsn.app.cpu_kernels, issue 37): measured once per machine and network, cached, applied
 before torch starts, and never timed where the user or the machine leaves nothing to choose.
 
 The timings are mocked (a fake timer that counts its calls) except in the tests of the measuring subprocess."""
@@ -16,7 +16,8 @@ from conftest import ROOT, run_entry
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from ncsn import cpu_kernels as ck
+from ncsn.app import cpu_kernels as ck
+from ncsn.app.cpu_timing import KERNEL_SETS
 
 CONF = ROOT / "conf"
 TWO_SETS = ("processor\t: 0\nmodel name\t: Test CPU 9000\n"
@@ -198,7 +199,7 @@ def test_switched_off_or_help_is_silent(monkeypatch):
 
 
 def test_importing_it_imports_neither_torch_nor_hydra():
-    code = ("import sys, ncsn.cpu_kernels; "
+    code = ("import sys, ncsn.app.cpu_kernels; "
             "print([m for m in sys.modules if m.split('.')[0] in ('torch', 'hydra', 'lightning', 'omegaconf')])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -212,14 +213,14 @@ def _offered_here() -> list[str]:
 def test_the_choice_reaches_torch_in_a_child_process():
     """ATen and oneDNN both run AVX2 kernels in a process started with the chosen environment."""
     entry = {"seconds_per_step": AVX2_FASTER}
-    sets = [k for k in ck.KERNEL_SETS if k.name in ("avx512", "avx2")]
+    sets = [k for k in KERNEL_SETS if k.name in ("avx512", "avx2")]
     env = dict(os.environ)
     ck.apply(ck.choose(entry, sets, "train", Path("c.json")), environ=env)
     assert env[ck.CHOSEN] == "avx2"
     code = ("import torch\n"
             "with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):\n"
             "    torch.nn.functional.conv2d(torch.rand(2, 16, 32, 32), torch.rand(16, 16, 3, 3))\n"
-            "from ncsn.cpu_kernels import describe_kernels\n"
+            "from ncsn.app.cpu_timing import describe_kernels\n"
             "print('capability', torch.backends.cpu.get_cpu_capability(), flush=True)\n"
             "print('table says', describe_kernels(), flush=True)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout

@@ -16,7 +16,7 @@ from conftest import run_entry
 from lightning.pytorch.loggers import WandbLogger
 from wandb_records import config, history, run_file, run_id
 
-from ncsn.callbacks import SigmaLossChart
+from ncsn.app.callbacks import SigmaLossChart
 from ncsn.sigmas import SIGMA_BIN_PREFIX, geometric_sigmas, sigma_bin_key, sigma_bin_low
 
 # the CPU recipe (95 levels, EMA, its logger: W&B offline), shortened: 3 validations, 2 sampling passes

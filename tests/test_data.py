@@ -12,16 +12,14 @@ from fakes import write_cifar, write_idx
 from PIL import Image
 
 import ncsn.data.datasets as datasets_mod
+from ncsn.app.datamodules import ImageDataModule, ToyDataModule, per_device_batch_size
 from ncsn.data import (
     Dequantize,
-    ImageDataModule,
-    ToyDataModule,
     build_datasets,
     gmm_log_prob,
     gmm_perturbed_score,
     gmm_sample,
     image_transform,
-    per_device_batch_size,
     to_image_range,
     to_model_range,
     to_uint8,
@@ -359,7 +357,7 @@ def test_gmm_density_and_score_are_stable():
 def test_bundled_digits_fetched_as_a_batch_dequantise_each_pixel_like_one_at_a_time():
     """The DataLoader's batched fetch (UInt8ImageDataset.__getitems__) gives every pixel k a value in
     [k/256, (k+1)/256), as the per-image transform does, with the right labels and shapes."""
-    from ncsn.data.datamodules import ImageDataModule
+    from ncsn.app.datamodules import ImageDataModule
 
     dm = ImageDataModule(name="mnist_bundled", batch_size=8)
     dm.setup("fit")

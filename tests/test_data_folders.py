@@ -11,7 +11,8 @@ import torch
 from fakes import write_ffhq, write_image_folder, write_lsun
 from PIL import Image
 
-from ncsn.data import ImageDataModule, image_transform
+from ncsn.app.datamodules import ImageDataModule
+from ncsn.data import image_transform
 from ncsn.data.lsun import LSUNDatabase
 from ncsn.errors import ConfigError, DataNotFoundError, UserError
 
@@ -228,13 +229,14 @@ def test_a_damaged_image_is_named_when_it_is_read_also_in_a_worker(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- quality, σ helper
 def test_the_new_data_get_the_pixel_stand_in_without_inception_weights(tmp_path, monkeypatch):
-    from ncsn.metrics import PixelQuality, quality_metric_for_data
+    from ncsn.app.datamodules import quality_metric_for_data
+    from ncsn.metrics import PixelQuality
     from ncsn.metrics.registry import primary_quality_key
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no cached Inception weights
     write_image_folder(tmp_path / "mine")
-    folder = {"_target_": "ncsn.data.ImageDataModule", "name": "image_folder", "path": str(tmp_path / "mine"),
-              "image_size": 16, "channels": 1, "val_fraction": 0.5}
+    folder = {"_target_": "ncsn.app.datamodules.ImageDataModule", "name": "image_folder",
+              "path": str(tmp_path / "mine"), "image_size": 16, "channels": 1, "val_fraction": 0.5}
     metric = quality_metric_for_data(folder, num_samples=3)
     assert isinstance(metric, PixelQuality) and metric.shape == (1, 16, 16) and metric.reference_count == 3
     assert metric.name == primary_quality_key(folder) == "quality/kid_pixels"
@@ -250,7 +252,8 @@ def test_the_new_data_get_the_pixel_stand_in_without_inception_weights(tmp_path,
 def test_ffhq_with_inception_weights_gives_kid(tmp_path, monkeypatch):
     from fakes import fake_inception_weights
 
-    from ncsn.metrics import InceptionQuality, quality_metric_for_data
+    from ncsn.app.datamodules import quality_metric_for_data
+    from ncsn.metrics import InceptionQuality
     from ncsn.metrics.features import inception_available
 
     if not inception_available():
@@ -269,8 +272,8 @@ def test_ffhq_with_inception_weights_gives_kid(tmp_path, monkeypatch):
 
 
 def test_the_sigma_helper_picks_sigma_1_from_a_folder_of_images(tmp_path, capsys):
-    from ncsn.schedule_cli import main
     from ncsn.sigmas import largest_pairwise_distance
+    from ncsn.tools.sigma_helper import main
 
     write_image_folder(tmp_path / "mine")
     main(["suggest", "data=image_folder", f"data.path={tmp_path / 'mine'}", "data.image_size=16", "steps_each=3"])
@@ -288,7 +291,7 @@ def test_the_sigma_helper_picks_sigma_1_from_a_folder_of_images(tmp_path, capsys
 def test_the_score_command_reads_the_new_data_as_training_composes_it(tmp_path, monkeypatch, capsys):
     import json
 
-    from ncsn.metrics.score import main
+    from ncsn.tools.score import main
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     write_ffhq(tmp_path / "mine", n=20, size=16)  # 2 held out: the reference

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, run_entry
 
-from ncsn.app import CPU_EXPERIMENT, GPU_EXPERIMENT, choose_experiment
+from ncsn.app.command_line import CPU_EXPERIMENT, GPU_EXPERIMENT, choose_experiment
 
 sys.path.insert(0, str(ROOT / "bench"))
 

@@ -11,7 +11,7 @@ from conftest import TINY, run_entry
 
 from ncsn.diagnostics import collapse_warning, grad_norm
 from ncsn.losses import dsm_loss
-from ncsn.report import make_report
+from ncsn.tools.report import make_report
 
 
 def test_zero_score_loss_equals_the_zero_output_reference_and_is_d_over_2_on_average():

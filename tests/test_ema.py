@@ -1,9 +1,9 @@
-"""ncsn.ema.EMA, the EMA callback: raw weights kept after fit, used by sample.py use_ema=false and by a resume;
+"""ncsn.app.ema.EMA, the EMA callback: raw weights kept after fit, used by sample.py use_ema=false and by a resume;
 raw weights for validation, the sample grid and checkpoints before the EMA starts.
 
 Three tiny real runs of 3 steps, same seed: EMA off, EMA on (decay 0.9, from the first step) and EMA starting
 at step 1000 (never, here). 3 steps with checkpoints every 2 means last.ckpt is written after fit ends (by
-ncsn.checkpoints.FinalStepCheckpoint, a ModelCheckpoint: Lightning runs it last), i.e. after the other callbacks'
+ncsn.app.checkpoints.FinalStepCheckpoint, a ModelCheckpoint: Lightning runs it last), i.e. after the other callbacks'
 on_train_end.
 """
 
@@ -21,11 +21,11 @@ from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import WeightAveraging
 from omegaconf import OmegaConf
 
-from ncsn import training
-from ncsn.app import instantiate, instantiate_group
-from ncsn.ema import EMA
-from ncsn.lightning_private import average_model
-from ncsn.sampling_app import generate, sample, to_uint8_hwc
+from ncsn.app import train as training
+from ncsn.app.common import instantiate, instantiate_group
+from ncsn.app.ema import EMA
+from ncsn.app.lightning_private import average_model
+from ncsn.app.sample import generate, sample, to_uint8_hwc
 
 THREE_STEPS = [*TINY, "trainer.max_steps=3", "logger=none"]
 EMA_LATE = EMA_ON.replace("}", ",update_starting_at_step:1000}")
@@ -157,7 +157,7 @@ def test_before_the_ema_starts_validation_grid_and_checkpoints_use_raw_weights(l
 
 
 def train_in_process(monkeypatch, out_dir: Path, overrides: list[str], *extra_callbacks: L.Callback) -> None:
-    """``ncsn.training.train`` with extra callbacks appended to the trainer's."""
+    """``ncsn.app.train.train`` with extra callbacks appended to the trainer's."""
     build = training.build
 
     def build_with(cfg):
@@ -278,7 +278,7 @@ class AverageReportingAnotherDevice(L.Callback):
 def test_with_the_average_on_another_device_the_sample_grid_samples_on_the_training_device(tmp_path, monkeypatch):
     """``callbacks.ema.device=cpu`` on a GPU: the generator was made on the training device while the average sampled
     on its own, and the first pass after the EMA started crashed. Now each pass moves the average to the training
-    device (``ncsn.ema.sampling_module``) and back, and the EMA goes on updating it."""
+    device (``ncsn.app.ema.sampling_module``) and back, and the EMA goes on updating it."""
     probe = AverageReportingAnotherDevice()
     train_in_process(monkeypatch, tmp_path, [EMA_ON, "callbacks.sample_grid.every_n_steps=2",
                                              "callbacks.model_checkpoint=null"], probe)

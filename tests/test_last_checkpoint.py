@@ -1,4 +1,4 @@
-"""ncsn.checkpoints.FinalStepCheckpoint: last.ckpt holds the final step, through ModelCheckpoint's own saving path.
+"""ncsn.app.checkpoints.FinalStepCheckpoint: last.ckpt holds the final step, through ModelCheckpoint's own saving path.
 
 A run that stops between two periodic saves (max_steps not a multiple of every_n_train_steps, max_time) must leave
 the final step in last.ckpt, with ``last_model_path`` set, the loggers told, ``save_weights_only`` and
@@ -17,8 +17,8 @@ from hydra import compose, initialize_config_dir
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader, TensorDataset
 
-from ncsn.app import instantiate
-from ncsn.checkpoints import AtomicCheckpointIO, FinalStepCheckpoint
+from ncsn.app.checkpoints import AtomicCheckpointIO, FinalStepCheckpoint
+from ncsn.app.common import instantiate
 
 
 class OneParameter(L.LightningModule):

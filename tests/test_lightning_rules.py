@@ -13,9 +13,9 @@ from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, WeightAveraging
 from torch.utils.data import DataLoader, TensorDataset
 
-from ncsn.app import instantiate
-from ncsn.best_checkpoint import BestQualityCheckpoint
-from ncsn.lightning_private import (
+from ncsn.app.best_checkpoint import BestQualityCheckpoint
+from ncsn.app.common import instantiate
+from ncsn.app.lightning_private import (
     attached_trainer,
     average_model,
     loop_state_at,
@@ -25,7 +25,7 @@ from ncsn.lightning_private import (
     save_top_k,
     should_skip_saving,
 )
-from ncsn.progress import StepProgressBar
+from ncsn.app.progress import StepProgressBar
 
 
 class CompareLoggingSteps(L.Callback):
@@ -64,8 +64,8 @@ def test_logging_steps_are_lightnings_should_update_logs(tmp_path, accumulate):
     assert logged == [2, 5, 7]  # every 3rd step (1-based) and the one where training stops
 
 
-# ---------------------------------------------------------------------------------------- ncsn.lightning_private
-# One test per private Lightning name the code uses (all of them behind ncsn.lightning_private): each checks the
+# ---------------------------------------------------------------------------------------- ncsn.app.lightning_private
+# One test per private Lightning name the code uses (all of them behind ncsn.app.lightning_private): each checks the
 # behaviour the code relies on, on one tiny real fit, so that a Lightning upgrade that changes one fails here.
 class OneParameter(L.LightningModule):
     def __init__(self):
@@ -88,7 +88,7 @@ PUBLISHED = {2: 0.5, 3: 0.7, 4: 0.2}  # a 'quality/x' value published at these s
 
 
 class PrivateProbe(L.Callback):
-    """Calls every ncsn.lightning_private function at known steps of a 4-step fit and records what it saw."""
+    """Calls every ncsn.app.lightning_private function at known steps of a 4-step fit and records what it saw."""
 
     def __init__(self, checkpoint: ModelCheckpoint, averaging: WeightAveraging) -> None:
         self.checkpoint, self.averaging = checkpoint, averaging
@@ -186,7 +186,7 @@ class StartStep(L.Callback):
 
 
 def test_loop_state_at_makes_fit_continue_at_that_step_and_epoch(probed, tmp_path):
-    """``ncsn.convert`` writes the loop counters of a run that took N steps; Lightning must resume there."""
+    """``ncsn.tools.convert`` writes the loop counters of a run that took N steps; Lightning must resume there."""
     ckpt = torch.load(probed.out / "last.ckpt", weights_only=False)
     ckpt["loops"] = loop_state_at(7, 2)
     torch.save(ckpt, tmp_path / "at7.ckpt")

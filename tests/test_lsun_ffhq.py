@@ -84,7 +84,7 @@ def test_one_training_step_of_each_network_from_lsun_and_ffhq_files(tmp_path):
 def test_from_a_folder_of_images_to_samples_with_the_readmes_three_commands(tmp_path, capsys):
     """README "Your own images": the σ helper on the folder, train.py with what it printed, sample.py (about a
     minute: three processes)."""
-    from ncsn.schedule_cli import main as sigmas_main
+    from ncsn.tools.sigma_helper import main as sigmas_main
 
     folder = tmp_path / "pictures"
     write_image_folder(folder)

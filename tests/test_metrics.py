@@ -14,11 +14,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ncsn.ema import EMA
+from ncsn.app.ema import EMA
+from ncsn.app.fid_callback import FIDCallback
+from ncsn.app.lightning_private import average_model
 from ncsn.errors import ConfigError
-from ncsn.lightning_private import average_model
 from ncsn.metrics import (
-    FIDCallback,
     SmallFeatureNet,
     build_fid_metric,
     compute_image_metrics,
@@ -317,7 +317,7 @@ W_AFTER = {1: 0.44, 2: 0.552, 4: 0.71328}
 
 @pytest.mark.parametrize("ema_first", [True, False])
 def test_fid_callback_samples_the_ema_average_without_swapping_whatever_the_callback_order(ema_first):
-    """ncsn.ema.EMA with decay 1 keeps the first update (w after step 1) as its average: FID samples come from
+    """ncsn.app.ema.EMA with decay 1 keeps the first update (w after step 1) as its average: FID samples come from
     that averaged model; the module, holding the raw weights throughout, never samples and never holds it."""
     cb = FIDCallback(every_n_steps=2, num_samples=16, num_real=16, batch_size=16, feature="small")
     ema = EMA(decay=1.0)

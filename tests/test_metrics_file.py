@@ -14,8 +14,8 @@ from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from ncsn.callbacks import SampleGridCallback
-from ncsn.run_files import MetricsFileCallback
+from ncsn.app.callbacks import SampleGridCallback
+from ncsn.app.run_files import MetricsFileCallback
 
 STEPS, BATCH = 6, 2
 # Validation at step 5, sample grids at step 4 and at the end, checkpoints at steps 3 and 6: each kind of pause
@@ -111,7 +111,7 @@ def test_train_seconds_leave_out_validation_checkpoints_and_sample_grids(tmp_pat
     paused = VAL_S + 2 * GRID_S + slow_save.saves * SAVE_S
     assert record["wall_seconds"] == pytest.approx(paused + STEPS * STEP_S, abs=1e-9)
     # The first step is timed on its own (first_step_seconds) and left out. First in the callback list (where
-    # ncsn.training.build puts it) every other step is counted; elsewhere the step whose segment held the step-4
+    # ncsn.app.train.build puts it) every other step is counted; elsewhere the step whose segment held the step-4
     # grid is left out with it. Counting any pause would add >= SAVE_S = 0.4 s.
     counted = STEPS - 1 if metrics_first else STEPS - 2
     assert record["train_seconds"] == pytest.approx(counted * STEP_S, abs=1e-9)
@@ -124,7 +124,7 @@ def test_train_seconds_leave_out_validation_checkpoints_and_sample_grids(tmp_pat
 
 
 def test_build_puts_the_metrics_file_callback_first(tmp_path):
-    from ncsn.training import build
+    from ncsn.app.train import build
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"paths.output_dir={tmp_path}", *TINY, "logger=none"])

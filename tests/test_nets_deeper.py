@@ -92,7 +92,7 @@ def test_every_parameter_is_used_and_the_score_is_output_over_sigma(cls):
 @pytest.mark.parametrize("sampler", ["edm", "heun"])
 def test_the_few_step_samplers_run_on_the_deeper_networks(cls, size, sampler):
     # issue 34 (4): the few-step samplers at these networks' sizes (tiny width: shapes and finiteness, not quality)
-    from ncsn.module import ScoreModel
+    from ncsn.app.module import ScoreModel
     from ncsn.sigmas import geometric_sigmas
 
     torch.manual_seed(0)

@@ -21,10 +21,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
-from ncsn.app import instantiate
+from ncsn.app.common import instantiate
+from ncsn.app.module import ScoreModel
 from ncsn.data.datasets import gmm_perturbed_score
 from ncsn.errors import ConfigError
-from ncsn.module import ScoreModel
 from ncsn.nets import NCSN, ConditionalInstanceNorm2dPlus, NCSNv2, ToyScoreMLP, score_function
 from ncsn.perf import (
     FastForward,
@@ -600,7 +600,7 @@ def test_cuda_fast_module_compiles_graphs_and_matches_fp32_statistics():
 
 @cuda
 def test_cuda_nonfinite_loss_is_caught_before_the_update_without_a_sync_in_backward(tmp_path):
-    from ncsn.module import NonFiniteLossError
+    from ncsn.app.module import NonFiniteLossError
 
     model = ScoreModel(NCSN(in_channels=1, image_size=8, ngf=4, num_scales=3), geometric_sigmas(1.0, 0.1, 3),
                        [1, 8, 8], perf={"enabled": True, "compile": False}, optimizer=functools.partial(

@@ -15,8 +15,8 @@ from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import Timer, TQDMProgressBar
 from torch.utils.data import DataLoader, TensorDataset
 
-from ncsn.app import instantiate
-from ncsn.progress import StepProgressBar, _StepTqdm, time_limited_total
+from ncsn.app.common import instantiate
+from ncsn.app.progress import StepProgressBar, _StepTqdm, time_limited_total
 
 
 class Tiny(L.LightningModule):

@@ -17,7 +17,7 @@ import torch
 from fakes import fake_inception_weights, write_cifar, write_mnist
 from omegaconf import OmegaConf
 
-from ncsn.data import ImageDataModule, ToyDataModule
+from ncsn.app.datamodules import ImageDataModule, ToyDataModule, quality_metric_for_data
 from ncsn.data.datasets import GMM_MEANS, GMM_WEIGHTS, gmm_sample
 from ncsn.metrics import (
     DigitQuality,
@@ -28,7 +28,6 @@ from ncsn.metrics import (
     digits,
     inception_available,
     quality_metric_for,
-    quality_metric_for_data,
 )
 from ncsn.metrics.distances import KernelReference, kernel_distance
 from ncsn.metrics.quality import degenerate_mask, frechet_distance, gaussian_stats
@@ -379,7 +378,7 @@ def test_from_a_data_config_or_a_name(tmp_path, no_inception_weights):
         {
             "paths": {"data_dir": str(tmp_path)},
             "data": {
-                "_target_": "ncsn.data.ImageDataModule",
+                "_target_": "ncsn.app.datamodules.ImageDataModule",
                 "name": "cifar10",
                 "data_dir": "${paths.data_dir}",
                 "verify_checksums": False,
@@ -391,7 +390,7 @@ def test_from_a_data_config_or_a_name(tmp_path, no_inception_weights):
     )
     write_cifar(tmp_path)
     assert isinstance(quality_metric_for_data(cfg.data, num_samples=4), PixelQuality)
-    toy = OmegaConf.create({"_target_": "ncsn.data.ToyDataModule", "n_train": 100})
+    toy = OmegaConf.create({"_target_": "ncsn.app.datamodules.ToyDataModule", "n_train": 100})
     assert isinstance(quality_metric_for_data(toy, num_samples=8), ToyMixtureQuality)
 
 

@@ -112,7 +112,7 @@ def test_readme_troubleshooting_table_matches_the_misuse_tests_row_for_row():
 TRAIN = "train.py experiment=cpu logger=none"
 SAMPLE = "sample.py ckpt_path={ckpt} progress=false num_samples=4"
 SCORE = "-m ncsn.metrics score"
-CONVERT = "-m ncsn.convert {files}/official.pth experiment=mnist_paper model.net.ngf=8 out={out}/converted.ckpt"
+CONVERT = "-m ncsn.tools.convert {files}/official.pth experiment=mnist_paper model.net.ngf=8 out={out}/converted.ckpt"
 SIGMAS = "-m ncsn.sigmas suggest"
 CLI_CASES = [
     # train.py: the trainer
@@ -211,20 +211,21 @@ CLI_CASES = [
     ("score-cuda-missing", f"{SCORE} {{files}}/good.npz device=cuda", "device=cuda asked for but no CUDA GPU"),
     ("score-device-unknown", f"{SCORE} {{files}}/good.npz device=banana", "unknown device 'banana'"),
     ("score-weights-missing", f"{SCORE} {{files}}/good.npz inception_weights={{tmp}}/w.pth", "does not exist"),
-    # python -m ncsn.convert
+    # python -m ncsn.tools.convert
     ("convert-two-sources", f"{CONVERT} {{files}}/official.pth", "pass exactly one official checkpoint file"),
-    ("convert-no-experiment", "-m ncsn.convert {files}/official.pth out={out}/c.ckpt", "pass experiment=NAME"),
+    ("convert-no-experiment", "-m ncsn.tools.convert {files}/official.pth out={out}/c.ckpt", "pass experiment=NAME"),
     ("convert-step-negative", f"{CONVERT} step=-1", "step must be a whole number >= 0"),
     ("convert-step-text", f"{CONVERT} step=abc", "step must be a whole number >= 0"),
-    ("convert-out-is-a-dir", "-m ncsn.convert {files}/official.pth experiment=mnist_paper out={tmp}",
+    ("convert-out-is-a-dir", "-m ncsn.tools.convert {files}/official.pth experiment=mnist_paper out={tmp}",
      "is a directory"),
-    ("convert-truncated", "-m ncsn.convert {files}/official_truncated.pth experiment=mnist_paper out={out}/c.ckpt",
+    ("convert-truncated",
+     "-m ncsn.tools.convert {files}/official_truncated.pth experiment=mnist_paper out={out}/c.ckpt",
      "is not an official ncsn/ncsnv2 checkpoint"),
-    ("convert-foreign", "-m ncsn.convert {files}/foreign.ckpt experiment=mnist_paper out={out}/c.ckpt",
+    ("convert-foreign", "-m ncsn.tools.convert {files}/foreign.ckpt experiment=mnist_paper out={out}/c.ckpt",
      "is not an official ncsn/ncsnv2 checkpoint"),
     ("convert-misspelt-setting", f"{CONVERT} model.net.ngff=8", "'model.net.ngff' is not a setting"),
     ("convert-ngf-zero", f"{CONVERT} model.net.ngf=0", "model.net.ngf must be a whole number >= 1"),
-    ("convert-experiment-unknown", "-m ncsn.convert {files}/official.pth experiment=banana out={out}/c.ckpt",
+    ("convert-experiment-unknown", "-m ncsn.tools.convert {files}/official.pth experiment=banana out={out}/c.ckpt",
      "unknown experiment 'banana'"),
     # python -m ncsn.sigmas
     ("sigmas-unknown-command", "-m ncsn.sigmas sugest", "unknown command 'sugest'"),

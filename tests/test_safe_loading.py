@@ -1,5 +1,5 @@
 """Loading a checkpoint someone hands you never runs code from it: every entry point unpickles with
-``weights_only=True`` (ncsn.checkpoints.read_torch_file) and refuses, before anything is written, a file that
+``weights_only=True`` (ncsn.app.checkpoints.read_torch_file) and refuses, before anything is written, a file that
 needs any other global, unless the user passes ``trust_checkpoint=true``."""
 
 from __future__ import annotations
@@ -19,26 +19,26 @@ import torch
 from conftest import ROOT, run_entry
 from hydra import compose, initialize_config_dir
 
-from ncsn.app import precheck_command_line
-from ncsn.checkpoints import (
+from ncsn.app.checkpoints import (
     AtomicCheckpointIO,
     UnsafeCheckpointError,
     load_checkpoint,
     read_torch_file,
     trust_flag,
 )
+from ncsn.app.command_line import precheck_command_line
+from ncsn.app.sample import load_model, sample
 from ncsn.errors import CheckpointError, ConfigError
-from ncsn.official import read_official
-from ncsn.sampling_app import load_model, sample
+from ncsn.tools.official import read_official
 
 # Written by release 57e6228 (the last before safe loading) with
 #   python train.py experiment=toy_gmm model.net.hidden=32 trainer.max_steps=4 data.n_train=512 data.n_val=256
-#     logger=csv "callbacks.ema={_target_:ncsn.ema.EMA,decay:0.9}" callbacks.model_checkpoint.every_n_train_steps=2
+#     logger=csv "callbacks.ema={_target_:ncsn.app.ema.EMA,decay:0.9}" callbacks.model_checkpoint.every_n_train_steps=2
 #     callbacks.sample_grid.num_samples=200 callbacks.sample_grid.every_n_steps=2
 # (its checkpoints/last.ckpt: 94 kB, EMA and quality-pass state included)
 PREVIOUS_RELEASE = ROOT / "tests" / "data" / "release_57e6228_toy_gmm.ckpt"
 TOY = ["experiment=toy_gmm", "model.net.hidden=32", "logger=none", "callbacks.sample_grid=null",
-       "callbacks.progress_bar=null", "callbacks.ema={_target_:ncsn.ema.EMA,decay:0.9}", "trainer.max_steps=6"]
+       "callbacks.progress_bar=null", "callbacks.ema={_target_:ncsn.app.ema.EMA,decay:0.9}", "trainer.max_steps=6"]
 SAMPLE_FAST = ["num_samples=8", "batch_size=8", "sampler.n_steps_each=5", "progress=false"]
 
 
@@ -77,7 +77,7 @@ def test_checkpoints_of_ours_need_no_global_beyond_the_allowlist(trained_run):
     for path in (PREVIOUS_RELEASE, trained_run / "checkpoints" / "last.ckpt"):
         assert first_unsafe_globals(path) == [], path
         ckpt = load_checkpoint(path)  # trust off
-        assert ckpt["ncsn_config"]["model"]["_target_"] == "ncsn.module.ScoreModel"
+        assert ckpt["ncsn_config"]["model"]["_target_"] == "ncsn.app.module.ScoreModel"
         assert ckpt["global_step"] > 0 and "averaging_state" in ckpt
 
 
@@ -108,7 +108,7 @@ ENTRY_POINTS = [
     ("sample.py", "sample.py ckpt_path={ckpt} num_samples=4 hydra.run.dir={out}", "{out}"),
     ("train.py-ckpt_path", "train.py experiment=toy_gmm ckpt_path={ckpt} hydra.run.dir={out}", "{out}"),
     ("train.py-auto_resume", "train.py experiment=toy_gmm auto_resume=true hydra.run.dir={run}", "{run}/.hydra"),
-    ("convert", "-m ncsn.convert {ckpt} experiment=toy_gmm out={out}.ckpt", "{out}.ckpt"),
+    ("convert", "-m ncsn.tools.convert {ckpt} experiment=toy_gmm out={out}.ckpt", "{out}.ckpt"),
     ("bench-samplers", "bench/samplers.py {ckpt} --out {out}", "{out}"),
 ]
 

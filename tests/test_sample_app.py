@@ -12,8 +12,8 @@ from conftest import ROOT, run_entry
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from ncsn.app import user_errors_exit
-from ncsn.sampling_app import make_mask, sample
+from ncsn.app.common import user_errors_exit
+from ncsn.app.sample import make_mask, sample
 
 FAST = ["sampler.n_steps_each=2", "progress=false", "num_samples=6", "batch_size=4"]
 

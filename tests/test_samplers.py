@@ -334,7 +334,7 @@ def test_mlp_trained_with_dsm_recovers_the_mixture_weights_with_annealed_langevi
                                       {"name": "ald", "n_steps_each": 1, "step_lr": 3e-5, "denoise": True},
                                       {"name": "pc", "n_corrector": 1}])
 def test_num_levels_walks_a_coarser_geometric_list_exactly_as_a_model_trained_on_it_would(settings):
-    from ncsn.module import ScoreModel
+    from ncsn.app.module import ScoreModel
     from ncsn.nets import NCSNv2
 
     torch.manual_seed(0)
@@ -351,7 +351,7 @@ def test_num_levels_walks_a_coarser_geometric_list_exactly_as_a_model_trained_on
 
 
 def test_num_levels_is_refused_for_a_level_indexed_network_in_one_line():
-    from ncsn.module import ScoreModel
+    from ncsn.app.module import ScoreModel
     from ncsn.nets import NCSN
 
     model = ScoreModel(NCSN(in_channels=1, image_size=8, ngf=4, num_scales=10), geometric_sigmas(1.0, 0.01, 10),

@@ -19,9 +19,9 @@ from fakes import write_celeba, write_cifar, write_mnist
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from ncsn.app import instantiate
+from ncsn.app.common import instantiate
 from ncsn.metrics import digits
-from ncsn.metrics.score import main
+from ncsn.tools.score import main
 
 
 def score(path, *args):
@@ -91,7 +91,7 @@ def write(name: str, root) -> None:
 
 def training_pass_values(overrides: list[str], samples: torch.Tensor) -> dict:
     """What the training run's sample-grid pass logs for these samples: its datamodule and callback built from the
-    composed train config (as ncsn.training.build builds them), scored by the callback's own code."""
+    composed train config (as ncsn.app.train.build builds them), scored by the callback's own code."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, "~experiment", f"callbacks.sample_grid.num_samples={N}"])

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
+from ncsn.app.module import ScoreModel
 from ncsn.errors import ConfigError
 from ncsn.losses import dsm_loss
-from ncsn.module import ScoreModel
 from ncsn.nets import NCSN, NCSNv2, score_function
 from ncsn.sigmas import geometric_sigmas
 

@@ -127,11 +127,12 @@ def _imports(path: Path) -> tuple[set[str], set[str]]:
 def test_sigmas_and_its_command_line_do_not_import_each_other():
     src = Path(ncsn.sigmas.__file__).parent
     _, sigmas_anywhere = _imports(src / "sigmas.py")
-    cli_top, _ = _imports(src / "schedule_cli.py")
-    assert not any(name.startswith("ncsn.schedule_cli") for name in sigmas_anywhere)  # it runs the CLI, by runpy
+    cli_top, _ = _imports(src / "tools" / "sigma_helper.py")
+    assert not any(name.startswith("ncsn.tools.sigma_helper") for name in sigmas_anywhere)  # it runs the CLI, by runpy
     assert "ncsn.sigmas" not in cli_top  # the CLI imports the schedules only when it computes one
-    code = "import sys, ncsn.{}; print(sorted(m for m in sys.modules if m in ('ncsn.sigmas', 'ncsn.schedule_cli')))"
-    for module, loaded in (("sigmas", "['ncsn.sigmas']"), ("schedule_cli", "['ncsn.schedule_cli']")):
+    code = ("import sys, ncsn.{}; "
+            "print(sorted(m for m in sys.modules if m in ('ncsn.sigmas', 'ncsn.tools.sigma_helper')))")
+    for module, loaded in (("sigmas", "['ncsn.sigmas']"), ("tools.sigma_helper", "['ncsn.tools.sigma_helper']")):
         out = subprocess.run([sys.executable, "-c", code.format(module)], capture_output=True, text=True,
                              check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.strip()
         assert out == loaded

@@ -1,4 +1,4 @@
-"""A run checks every file it will read before its first step (``ncsn.training.check_run_files``): a wrong path ends
+"""A run checks every file it will read before its first step (``ncsn.app.train.check_run_files``): a wrong path ends
 ``train.py`` at the start with one line that names the setting, a non-zero exit and no step taken, instead of after
 the first 5,000 steps (the Inception weights were only opened at the first quality pass)."""
 

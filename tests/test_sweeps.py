@@ -22,10 +22,10 @@ from conftest import run_entry
 from omegaconf import OmegaConf, open_dict, read_write
 from PIL import Image
 
-from ncsn.report import NO_METRICS, make_report
-from ncsn.report import main as report_main
+from ncsn.app.sweeps import apply_sweep_metadata, override_items, sweep_keys, swept_items
 from ncsn.sigmas import geometric_sigmas, sigma_bin_key, suggest_schedule, technique2_value
-from ncsn.sweeps import apply_sweep_metadata, override_items, sweep_keys, swept_items
+from ncsn.tools.report import NO_METRICS, make_report
+from ncsn.tools.report import main as report_main
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -128,7 +128,7 @@ def test_report_over_the_toy_sweep(toy_sweeps, tmp_path):
     sweep = tmp_path / "sweep"
     shutil.copytree(toy_sweeps["sweep"], sweep)
     # the CLI entry point, as a user runs it
-    proc = subprocess.run([sys.executable, "-m", "ncsn.report", str(sweep)], cwd=tmp_path, env=_env(),
+    proc = subprocess.run([sys.executable, "-m", "ncsn.tools.report", str(sweep)], cwd=tmp_path, env=_env(),
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, _fail_msg(proc)
     assert "4 jobs (4 ok, 0 failed)" in proc.stdout
@@ -251,8 +251,8 @@ def test_auto_optimized_metric_is_resolved_once_per_sweep_from_the_data_config(h
     when it cannot log it, instead of returning another quantity."""
     import logging
 
-    from ncsn.sweeps import OPTIMIZED_METRIC_FILE, resolve_optimized_metric
-    from ncsn.training import OptimizedMetricMissing, optimized_value
+    from ncsn.app.sweeps import OPTIMIZED_METRIC_FILE, resolve_optimized_metric
+    from ncsn.app.train import OptimizedMetricMissing, optimized_value
 
     set_job, sweep_dir = hydra_job
 
@@ -277,17 +277,17 @@ def test_auto_optimized_metric_is_resolved_once_per_sweep_from_the_data_config(h
 
 
 def test_the_optimized_metric_comes_from_the_config_not_from_what_was_logged(tmp_path, monkeypatch):
-    from ncsn.sweeps import resolve_optimized_metric, run_quality_key
+    from ncsn.app.sweeps import resolve_optimized_metric, run_quality_key
 
     monkeypatch.setattr("torch.hub.get_dir", lambda: str(tmp_path / "hub"))
     cfg = OmegaConf.create({"optimized_metric": "auto", "paths": {"inception_weights": None},
-                            "data": {"_target_": "ncsn.data.ImageDataModule", "name": "cifar10"},
+                            "data": {"_target_": "ncsn.app.datamodules.ImageDataModule", "name": "cifar10"},
                             "callbacks": {"sample_grid": {"quality": True,  # as conf/callbacks/default.yaml
                                                           "inception_weights": "${paths.inception_weights}"}}})
     assert resolve_optimized_metric(cfg) == "quality/kid_pixels"  # no weights: the pixel KID, decided up front
     cfg.paths.inception_weights = str(tmp_path / "weights.pth")
     assert run_quality_key(cfg) == "quality/kid_inception"
-    cfg.data = {"_target_": "ncsn.data.ImageDataModule", "name": "mnist_bundled"}
+    cfg.data = {"_target_": "ncsn.app.datamodules.ImageDataModule", "name": "mnist_bundled"}
     assert resolve_optimized_metric(cfg) == "quality/kid"
     cfg.callbacks.sample_grid.quality = False
     assert resolve_optimized_metric(cfg) == "val/loss"
@@ -298,7 +298,7 @@ def test_the_optimized_metric_comes_from_the_config_not_from_what_was_logged(tmp
 def test_a_failed_sweep_job_returns_no_number(hydra_job):
     """NaN makes Optuna's tell() raise inside the Optuna sweeper's own error handler (the whole study ends); a
     non-number is recorded as a FAILED trial and the study goes on."""
-    from ncsn.app import user_errors_exit
+    from ncsn.app.common import user_errors_exit
     from ncsn.errors import UserError
 
     set_job, sweep_dir = hydra_job
@@ -565,7 +565,7 @@ def test_schedule_cli_on_bundled_mnist(tmp_path):
 
 
 def test_schedule_cli_user_errors(capsys):
-    from ncsn.schedule_cli import main
+    from ncsn.tools.sigma_helper import main
 
     with pytest.raises(SystemExit) as exc:
         main(["suggest", "data=imagenet", "steps_each=5"])
@@ -582,7 +582,7 @@ def test_schedule_cli_user_errors(capsys):
 
 
 def test_schedule_cli_passes_data_overrides_and_a_given_sigma_max(capsys):
-    from ncsn.schedule_cli import main
+    from ncsn.tools.sigma_helper import main
 
     main(["suggest", "data=toy_gmm", "steps_each=3", "num_points=500", "data.n_train=600"])
     out = capsys.readouterr().out

@@ -18,7 +18,7 @@ from fakes import write_celeba, write_cifar, write_mnist
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from ncsn.app import instantiate
+from ncsn.app.common import instantiate
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 

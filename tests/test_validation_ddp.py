@@ -12,7 +12,7 @@ import pytest
 import torch
 from fakes import CollectiveCounter, PlainDigits
 
-from ncsn.module import ScoreModel
+from ncsn.app.module import ScoreModel
 from ncsn.sigmas import geometric_sigmas, sigma_bin_key
 
 

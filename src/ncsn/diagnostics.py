@@ -82,7 +82,7 @@ def heldout_metrics(loss_fn: Callable, x: torch.Tensor, *, batch_size: int = 64,
 def probe_learning(model, train_x: torch.Tensor, heldout_x: torch.Tensor, *, steps: int, batch_size: int,
                    eval_at: Iterable[int] = (), gradient_clip_val: float | None = None, seed: int = 0,
                    log: Callable[[dict], None] | None = None) -> list[dict]:
-    """Train ``model`` (a ``ncsn.module.ScoreModel``) for ``steps`` steps on random batches of ``train_x`` with
+    """Train ``model`` (a ``ncsn.app.module.ScoreModel``) for ``steps`` steps on random batches of ``train_x`` with
     the optimizer and LR schedule of its own ``configure_optimizers`` (and Lightning's norm clipping when
     ``gradient_clip_val`` is set), measuring :func:`heldout_metrics` at step 0, at ``eval_at`` and at the end.
 

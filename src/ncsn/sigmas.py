@@ -322,8 +322,8 @@ def loss_by_sigma_bin(sigmas: list[float], sums: list[float], counts: list[float
 
 
 if __name__ == "__main__":  # python -m ncsn.sigmas suggest data=<name> steps_each=T
-    # The command line lives in ncsn.schedule_cli, which imports this module: run it as a script (as
-    # `python -m ncsn.schedule_cli` would) rather than import it, so that the dependency goes one way only.
+    # The command line lives in ncsn.tools.sigma_helper, which imports this module: run it as a script (as
+    # `python -m ncsn.tools.sigma_helper` would) rather than import it, so that the dependency goes one way only.
     import runpy
 
-    runpy.run_module("ncsn.schedule_cli", run_name="__main__", alter_sys=True)
+    runpy.run_module("ncsn.tools.sigma_helper", run_name="__main__", alter_sys=True)

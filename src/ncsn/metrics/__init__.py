@@ -1,5 +1,5 @@
-"""Sample-quality metrics: FID and Inception Score (through torchmetrics), a Lightning callback, and one
-built-in quality metric per dataset (``quality_metric_for``).
+"""Sample-quality metrics: FID and Inception Score (through torchmetrics) and one built-in quality metric per
+dataset (``quality_metric_for``). Plain PyTorch: the Lightning callback ``val/fid`` is ``ncsn.app.fid_callback``.
 
 Images are model-range tensors: float in [0, 1], shape [N, C, H, W] with C = 1 or 3 (values outside
 [0, 1] are clamped). Grey images are repeated to 3 channels for the standard Inception network, which
@@ -35,14 +35,15 @@ covariance is singular), so a 1,000-sample FID logged during training is higher 
 comparable only at the same sample counts (real and fake), the same feature network (and weights), and the
 same reference set; IS likewise at the same sample count and number of splits.
 
-``FIDCallback`` logs ``val/fid`` during training (see its docstring for EMA and multi-GPU behaviour).
+``ncsn.app.fid_callback.FIDCallback`` logs ``val/fid`` during training (see its docstring for EMA and multi-GPU
+behaviour).
 
 Modules: ``features`` (feature networks, Inception weights), ``fid`` (FID / IS builders,
-``compute_image_metrics``), ``fid_callback`` (``FIDCallback``), ``digits`` (the shipped MNIST digit
+``compute_image_metrics``), ``digits`` (the shipped MNIST digit
 classifier), ``quality`` (``quality_metric_for``: the offline sample-quality metric of every shipped dataset,
 built from ``digit_quality``, ``toy_quality``, ``image_quality``), ``registry`` (which metric and primary key each
 dataset gets), ``distances`` (KID, energy and Fréchet distances), ``images`` (the one image normalisation),
-``score`` (``python -m ncsn.metrics score FILE.npz``).
+``python -m ncsn.metrics score FILE.npz`` runs ``ncsn.tools.score``.
 """
 
 from ncsn.metrics.features import (
@@ -57,21 +58,19 @@ from ncsn.metrics.features import (
 )
 
 # Everything but the feature-network names loads on first use (PEP 562): `import ncsn.metrics` does not import
-# torchmetrics or Lightning (fid, fid_callback), and `python -m ncsn.metrics.digits` does not import
+# torchmetrics (fid), and `python -m ncsn.metrics.digits` does not import
 # ncsn.metrics.digits twice.
 _LAZY = {
     "build_fid_metric": "fid",
     "build_inception_score_metric": "fid",
     "compute_image_metrics": "fid",
     "iter_image_batches": "fid",
-    "FIDCallback": "fid_callback",
     "SampleQuality": "base",
     "DigitQuality": "digit_quality",
     "ToyMixtureQuality": "toy_quality",
     "InceptionQuality": "image_quality",
     "PixelQuality": "image_quality",
     "quality_metric_for": "quality",
-    "quality_metric_for_data": "quality",
     "frechet_distance": "distances",
     "kernel_distance": "distances",
     "image01": "images",
@@ -100,7 +99,6 @@ __all__ = [
     "INCEPTION_WEIGHTS_URL",
     "DigitCNN",
     "DigitQuality",
-    "FIDCallback",
     "InceptionQuality",
     "PixelQuality",
     "SampleQuality",
@@ -121,6 +119,5 @@ __all__ = [
     "primary_quality_keys",
     "quality_key_in",
     "quality_metric_for",
-    "quality_metric_for_data",
     "resolve_inception_weights",
 ]

@@ -1,7 +1,7 @@
-"""``python -m ncsn.metrics score FILE.npz [data=NAME]``: see ``ncsn.metrics.score``."""
+"""``python -m ncsn.metrics score FILE.npz [data=NAME]``: see ``ncsn.tools.score``."""
 
 import sys
 
-from ncsn.metrics.score import main
+from ncsn.tools.score import main
 
 sys.exit(main())

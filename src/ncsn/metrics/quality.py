@@ -1,6 +1,6 @@
 """One offline sample-quality metric per shipped dataset, behind one interface (``SampleQuality``).
 
-``quality_metric_for(datamodule, num_samples=N)`` (or ``quality_metric_for_data(cfg_or_name, ...)``) builds the
+``quality_metric_for(datamodule, num_samples=N)`` (or ``ncsn.app.datamodules.quality_metric_for_data``) builds the
 metric of a dataset once: everything on the real-data side (reference features, floors) is computed at
 construction, so each call only featurises the samples. A call takes samples and returns plain floats whose keys
 all start with ``quality/``; ``metric.name`` is the primary key (lower is better). Which metric and which key each
@@ -24,7 +24,6 @@ Samples: images in [0, 1], float ``[N, C, H, W]`` (uint8 in [0, 255] and ``[N, H
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ from ncsn.errors import ConfigError
 from ncsn.metrics.base import SampleQuality
 from ncsn.metrics.digit_quality import DigitQuality, class_shares, degenerate_mask
 from ncsn.metrics.distances import frechet_distance, gaussian_stats, kernel_distance
-from ncsn.metrics.registry import data_fields, quality_kind
+from ncsn.metrics.registry import quality_kind
 from ncsn.metrics.toy_quality import ToyMixtureQuality
 
 log = logging.getLogger(__name__)
@@ -50,7 +49,6 @@ __all__ = [
     "gaussian_stats",
     "kernel_distance",
     "quality_metric_for",
-    "quality_metric_for_data",
 ]
 
 #: at most this many held-out digits form the digit reference of the bundled data (its default validation split)
@@ -86,13 +84,14 @@ def quality_metric_for(
     non-digit images; without it (and without the file in torch hub's cache) ``quality/kid_pixels`` replaces
     ``quality/kid_inception`` and one warning line says so.
     """
-    from ncsn.data.datamodules import ImageDataModule, ToyDataModule
+    from ncsn.data.datasets import IMAGE_DATASETS
 
     if int(num_samples) < 2:
         raise ConfigError(f"quality num_samples must be >= 2, got {num_samples}")
-    if isinstance(datamodule, ToyDataModule):
+    name = getattr(datamodule, "name", None)  # the datamodules of ncsn.app.datamodules, or any with their fields
+    if name == "toy_gmm":
         return ToyMixtureQuality(num_samples)
-    if not isinstance(datamodule, ImageDataModule):
+    if name not in IMAGE_DATASETS:
         return None
     kind = quality_kind({"name": datamodule.name, "image_size": datamodule.image_size},
                         inception_weights=inception_weights)
@@ -115,33 +114,3 @@ def quality_metric_for(
         datamodule.name, hub_weights_path(), INCEPTION_WEIGHTS_URL,
     )
     return image_quality.PixelQuality(reference, floor, num_samples)
-
-
-def quality_metric_for_data(
-    data: str | Mapping | Any,
-    *,
-    num_samples: int,
-    device: str | torch.device | None = None,
-    inception_weights: str | Path | None = None,
-    data_dir: str | Path | None = None,
-) -> SampleQuality | None:
-    """``quality_metric_for`` from a data config (a ``data:`` node with ``_target_``, or a mapping with ``name``)
-    or a dataset name (``mnist_bundled``, ``toy_gmm``, ``cifar10``, ...; ``data_dir`` for the files). Unknown
-    names give None. Nothing is downloaded.
-
-    A data config builds the datamodule from ALL its fields, as training does (CelebA's ``center_crop``, the
-    ``image_size``, ``random_flip`` for the floor, ...); a name alone gets the datamodule's defaults, which are
-    not the config group's (``python -m ncsn.metrics score`` composes the group, ``ncsn.metrics.score``)."""
-    from ncsn.data.datamodules import ImageDataModule, ToyDataModule
-
-    cfg = data_fields(data)
-    kind = quality_kind(cfg, inception_weights=inception_weights)
-    if kind is None:
-        return None
-    if kind == "toy":
-        return quality_metric_for(ToyDataModule(), num_samples=num_samples, device=device)
-    kwargs = {k: v for k, v in cfg.items() if k not in ("_target_", "download")}
-    if data_dir is not None:
-        kwargs["data_dir"] = str(data_dir)
-    return quality_metric_for(ImageDataModule(**kwargs, download=False), num_samples=num_samples, device=device,
-                              inception_weights=inception_weights)

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from ncsn.errors import ConfigError
-from ncsn.nets.layers import ConditionalResidualBlock, RefineBlock, ResidualBlock, check_sizes
+from ncsn.nets.layers import ConditionalResidualBlock, ResidualBlock, check_sizes
 from ncsn.nets.normalization import InstanceNorm2dPlus, SigmaEmbedding, SigmaInstanceNorm2dPlus
+from ncsn.nets.refine_blocks import RefineBlock
 
 #: the parameterisations of the network's output (``precondition``)
 PRECONDITIONS = ("none", "edm")

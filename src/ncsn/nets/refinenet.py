@@ -19,8 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ncsn.nets.layers import ConditionalResidualBlock, CondRefineBlock, check_sizes
+from ncsn.nets.layers import ConditionalResidualBlock, check_sizes
 from ncsn.nets.normalization import ConditionalInstanceNorm2dPlus
+from ncsn.nets.refine_blocks import CondRefineBlock
 
 
 class NCSN(nn.Module):

@@ -1,7 +1,7 @@
 """Reading checkpoints written by training, with one clear error line for every way a path can be wrong.
 
 Every checkpoint file a user names (sample.py, train.py's ``ckpt_path=`` / ``auto_resume=true`` and Lightning's
-own resume load, ``python -m ncsn.convert``, the bench scripts) is unpickled by :func:`read_torch_file` alone,
+own resume load, ``python -m ncsn.tools.convert``, the bench scripts) is unpickled by :func:`read_torch_file` alone,
 with ``weights_only=True``: a file that would need any other Python object is refused before anything of it
 runs, unless the user says they trust it (``trust_checkpoint=true``).
 """
@@ -20,13 +20,14 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from ncsn.app.lightning_private import monitor_candidates, save_last, save_top_k, should_skip_saving
 from ncsn.errors import CheckpointError, ConfigError
-from ncsn.lightning_private import monitor_candidates, save_last, save_top_k, should_skip_saving
+from ncsn.moved import upgrade_targets
 
 log = logging.getLogger("ncsn")
 
 # The non-tensor types our own checkpoints need beyond torch's default weights-only allowlist (tensors, dicts,
-# OrderedDict, lists, tuples, str, numbers, bool, None). None today: every entry train.py and ncsn.convert write
+# OrderedDict, lists, tuples, str, numbers, bool, None). None today: every entry train.py and ncsn.tools.convert write
 # is one of those (RngStateCallback stores numpy's state as a tensor and numbers, ncsn_config is a plain
 # container, the datamodule's hyperparameters are numbers and strings), checked on checkpoints of experiment=
 # mnist_paper (EMA on), cpu, quick and toy_gmm and on the release before safe loading
@@ -81,6 +82,9 @@ def read_torch_file(path: str | Path, *, trust: bool = False, mmap: bool = False
     :data:`OUR_SAFE_GLOBALS`); a file that needs any other global raises :class:`UnsafeCheckpointError` naming
     the first one, and nothing of it has run. ``trust=True`` (the user's ``trust_checkpoint=true``) logs a
     warning once per file and unpickles everything. Other read errors propagate as torch raises them.
+
+    The ``_target_`` names that a checkpoint of an earlier release stores come back as today's (the LightningModule
+    as ``ncsn.app.module.ScoreModel``): :func:`ncsn.moved.upgrade_targets`.
     """
     p = Path(path)
     if trust:
@@ -88,9 +92,9 @@ def read_torch_file(path: str | Path, *, trust: bool = False, mmap: bool = False
             _warned_trusted.add(str(p.absolute()))
             log.warning("trust_checkpoint=true: loading '%s' with full unpickling, which runs any code the file "
                         "holds; use it only for files from a source you trust", p)
-        return torch.load(p, map_location="cpu", weights_only=False, mmap=mmap)
+        return upgrade_targets(torch.load(p, map_location="cpu", weights_only=False, mmap=mmap))
     try:
-        return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
+        return upgrade_targets(torch.load(p, map_location="cpu", weights_only=True, mmap=mmap))
     except pickle.UnpicklingError as exc:
         name = _first_unsafe_global(p, exc)
         if name is None and not zipfile.is_zipfile(p):  # e.g. a text file read as a legacy torch file

@@ -19,7 +19,7 @@ resumes, validates and runs under DDP:
 
 :func:`averaged_module` (sample grid, quality metric, FID) gives the average once it has started.
 A resume with EMA switched off (``callbacks.ema=null``) continues from ``current_model_state``
-(``ncsn.module.ScoreModel.on_load_checkpoint``).
+(``ncsn.app.module.ScoreModel.on_load_checkpoint``).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 
+from ncsn.app.lightning_private import average_model
 from ncsn.errors import ConfigError
-from ncsn.lightning_private import average_model
 
 log = logging.getLogger("ncsn")
 

@@ -1,5 +1,5 @@
 """Callbacks that show what a run learns: the sample grid with its quality pass, and the per-σ loss chart.
-(What a run writes beside its checkpoints is in ``ncsn.run_files``.)"""
+(What a run writes beside its checkpoints is in ``ncsn.app.run_files``.)"""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
+from ncsn.app.ema import sampling_module
+from ncsn.app.lightning_private import publish_callback_metrics
 from ncsn.data.transforms import to_image_range
-from ncsn.ema import sampling_module
-from ncsn.lightning_private import publish_callback_metrics
 from ncsn.samplers import describe_sampler
 
 log = logging.getLogger("ncsn")
@@ -57,7 +57,7 @@ def check_grid_settings(every_n_steps: int, num_samples: int, grid_size: int | N
 class SampleGridCallback(L.Callback):
     """Every ``every_n_steps`` training steps and at the end of training, on rank zero: draw ``num_samples``
     samples with the run's sampler (``sampler=ald|pc|cas``; the EMA weights once EMA has started, on the training
-    device even with ``callbacks.ema.device=cpu``: ``ncsn.ema.sampling_module``) from a fixed seed, log its
+    device even with ``callbacks.ema.device=cpu``: ``ncsn.app.ema.sampling_module``) from a fixed seed, log its
     network evaluations per sample as ``samples/nfe``, and from that one pass
 
     * save the grid of the first ``grid_size`` as ``<run dir>/samples/step_XXXXXXX.png`` and log it to every

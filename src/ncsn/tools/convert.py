@@ -1,9 +1,9 @@
 """Convert a released checkpoint of the official code into an ncsn checkpoint.
 
-    python -m ncsn.convert SRC experiment=NAME [out=PATH] [step=N] [trust_checkpoint=true] [Hydra overrides ...]
+    python -m ncsn.tools.convert SRC experiment=NAME [out=PATH] [step=N] [trust_checkpoint=true] [Hydra overrides ...]
 
 SRC is a ``checkpoint_N.pth`` (or ``checkpoint.pth``) written by ermongroup/ncsn or ermongroup/ncsnv2; what
-those files hold, and how their names, σ lists and Adam state map onto ours, is in :mod:`ncsn.official`.
+those files hold, and how their names, σ lists and Adam state map onto ours, is in :mod:`ncsn.tools.official`.
 
 The experiment (``conf/experiment/NAME.yaml`` plus any overrides) says which network, σ list, sampler and
 data the weights belong to; README "Using the official checkpoints" has the table. The output is a
@@ -38,9 +38,9 @@ from typing import Any
 
 import torch
 
-from ncsn.checkpoints import trust_flag
+from ncsn.app.checkpoints import trust_flag
 from ncsn.errors import UserError
-from ncsn.official import (
+from ncsn.tools.official import (
     SEE,
     OfficialCheckpoint,
     _adam_step_count,
@@ -53,7 +53,7 @@ from ncsn.official import (
 )
 
 OWN_KEYS = ("out", "step", "trust_checkpoint")
-USAGE = ("usage: python -m ncsn.convert SRC experiment=NAME [out=PATH] [step=N] [trust_checkpoint=true] "
+USAGE = ("usage: python -m ncsn.tools.convert SRC experiment=NAME [out=PATH] [step=N] [trust_checkpoint=true] "
          "[Hydra overrides ...]")
 
 
@@ -63,8 +63,7 @@ def compose_train_config(overrides: list[str], output_dir: Path):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from ncsn.app import precheck_command_line
-    from ncsn.schedule_cli import find_conf_dir
+    from ncsn.app.command_line import find_conf_dir, precheck_command_line
 
     conf_dir = find_conf_dir()
     # an unknown experiment or group option: one line (and the output's directory must be writable)
@@ -74,7 +73,7 @@ def compose_train_config(overrides: list[str], output_dir: Path):
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3", job_name="convert"):
             return compose(config_name="train", overrides=[f"paths.output_dir={output_dir}", *overrides])
     except Exception as exc:  # a bad override is the user's: one line
-        from ncsn.app import override_error
+        from ncsn.app.command_line import override_error
 
         raise UserError(override_error(str(exc), "train")) from exc
 
@@ -98,8 +97,8 @@ def build_checkpoint(official: OfficialCheckpoint, cfg, *, experiment: str, step
     import lightning as L
     from omegaconf import OmegaConf
 
-    from ncsn.app import instantiate
-    from ncsn.lightning_private import loop_state_at
+    from ncsn.app.common import instantiate
+    from ncsn.app.lightning_private import loop_state_at
 
     notes = list(official.notes)
     model = instantiate(cfg.model)
@@ -220,7 +219,7 @@ def default_output(src: Path, experiment: str) -> Path:
 def convert(src: str | os.PathLike, overrides: list[str], out: str | os.PathLike | None = None,
             step: int | None = None, *, trust: bool = False, echo=print) -> Path:
     """Convert ``src`` for the experiment in ``overrides``; write it to ``out`` and return that path.
-    ``trust``: ``trust_checkpoint=true``, unpickle ``src`` fully (see :func:`ncsn.checkpoints.read_torch_file`)."""
+    ``trust``: ``trust_checkpoint=true``, unpickle ``src`` fully (see :func:`ncsn.app.checkpoints.read_torch_file`)."""
     src = Path(src)
     experiment = experiment_of(overrides)
     out = Path(out) if out else default_output(src, experiment)
@@ -273,7 +272,7 @@ def parse_args(argv: list[str]) -> tuple[Path, list[str], str | None, int | None
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ncsn.app import EXIT_USER_ERROR
+    from ncsn.app.common import EXIT_USER_ERROR
 
     argv = sys.argv[1:] if argv is None else argv
     try:

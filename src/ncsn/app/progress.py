@@ -16,7 +16,7 @@ from typing import Any, TextIO
 from lightning.pytorch.callbacks import Timer, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
-from ncsn.lightning_private import attached_trainer
+from ncsn.app.lightning_private import attached_trainer
 
 
 def _is_tty(stream: Any) -> bool:

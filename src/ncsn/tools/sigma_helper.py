@@ -1,5 +1,5 @@
 """The σ-schedule helper: ``python -m ncsn.sigmas suggest data=<name> steps_each=T [key=value ...]``
-(or ``python -m ncsn.schedule_cli suggest ...``: ``ncsn.sigmas`` runs this module; this module imports
+(or ``python -m ncsn.tools.sigma_helper suggest ...``: ``ncsn.sigmas`` runs this module; this module imports
 ``ncsn.sigmas`` when it computes, never the other way round).
 
 Applies the NCSNv2 rules to a dataset of this project's config (``conf/data/<name>.yaml``):
@@ -26,11 +26,10 @@ goes to the config composition as a Hydra override):
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
-from pathlib import Path
 
+from ncsn.app.command_line import compose_data_config, find_conf_dir
 from ncsn.errors import ConfigError, UserError
 
 EXIT_USER_ERROR = 2
@@ -40,23 +39,6 @@ MIN_STABLE_POINTS = 1_000
 OWN_KEYS = ("steps_each", "num_points", "sigma_min", "sigma_max", "target")
 USAGE = ("usage: python -m ncsn.sigmas suggest data=<name> steps_each=T [num_points=N] [sigma_min=0.01] "
          "[sigma_max=S] [target=0.5] [data.<key>=...] [paths.data_dir=...]")
-
-
-def find_conf_dir() -> Path:
-    """The project's ``conf/`` dir: $NCSN_CONF_DIR, ./conf, or the one next to the package (editable install)."""
-    candidates = []
-    if os.environ.get("NCSN_CONF_DIR"):
-        candidates.append(Path(os.environ["NCSN_CONF_DIR"]))
-    candidates += [Path.cwd() / "conf", Path(__file__).resolve().parents[2] / "conf"]
-    for path in candidates:
-        if (path / "train.yaml").is_file() and (path / "data").is_dir():
-            return path.resolve()
-    raise UserError("cannot find the project's conf/ dir (with train.yaml); run from the repository root or "
-                    "set NCSN_CONF_DIR")
-
-
-def data_names(conf_dir: Path) -> list[str]:
-    return sorted(p.stem for p in (conf_dir / "data").glob("*.yaml"))
 
 
 def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -104,46 +86,8 @@ def check_own_settings(steps_each: int, num_points: int | None, sigma_min: float
         raise UserError(f"target must lie strictly between 0 and 1 (got {target:g}); NCSNv2 uses 0.5")
 
 
-def compose_data_config(conf_dir: Path, overrides: list[str]):
-    """``cfg.data`` of conf/train.yaml composed with ``overrides`` (experiment off unless one is given)."""
-    name, cfg = compose_with_data(conf_dir, overrides)
-    return name, cfg.data
-
-
-def compose_with_data(conf_dir: Path, overrides: list[str], job_name: str = "sigmas_suggest"):
-    """``(data name, cfg)``: conf/train.yaml composed with ``overrides`` as ``train.py`` composes it: the data
-    group (``data=mnist_bundled`` unless given, or the experiment's), no experiment unless one is given. One line
-    for a bad override."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    names = data_names(conf_dir)
-    chosen = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] in ("data", "+data", "++data")]
-    name = chosen[-1] if chosen else "mnist_bundled"
-    if name not in names:
-        raise UserError(f"unknown data {name!r}; choose one of: {', '.join(names)}")
-    experiment = any(o.split("=", 1)[0].lstrip("+~") == "experiment" for o in overrides)
-    if not experiment:
-        overrides = [*overrides, "~experiment"]  # an experiment would override the data choice
-        if not chosen:
-            overrides = [f"data={name}", *overrides]
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3", job_name=job_name):
-            cfg = compose(config_name="train", overrides=overrides)
-    except Exception as exc:  # a bad override is the user's: one line
-        from ncsn.app import override_error
-
-        raise UserError(override_error(str(exc), "train")) from exc
-    if experiment and not chosen:  # the experiment's data
-        from ncsn.metrics.registry import data_fields
-
-        name = str(data_fields(cfg.data).get("name"))
-    return name, cfg
-
-
 def suggest_main(argv: list[str]) -> None:
-    from ncsn.app import instantiate
+    from ncsn.app.common import instantiate
     from ncsn.sigmas import largest_pairwise_distance, suggest_schedule
 
     own, overrides = parse_args(argv)

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from ncsn.ema import sampling_module
+from ncsn.app.ema import sampling_module
 from ncsn.errors import ConfigError
 from ncsn.metrics.features import _custom_feature, _standard_feature
 from ncsn.metrics.fid import _feed, build_fid_metric
@@ -32,7 +32,7 @@ class FIDCallback(L.Callback):
     logs it as ``val/fid`` (on every rank, same value), so ``ModelCheckpoint(monitor="val/fid", mode="min")``
     works. ``self.history`` keeps ``(global_step, fid)``.
 
-    EMA: samples come from the EMA's averaged model once it has started (``ncsn.ema.sampling_module``, as the
+    EMA: samples come from the EMA's averaged model once it has started (``ncsn.app.ema.sampling_module``, as the
     sample grid and the quality pass: on the training device even with ``callbacks.ema.device=cpu``), from
     ``pl_module`` (the raw weights) before that or without EMA. No weights are ever swapped: ``pl_module``
     holds the raw weights throughout, whatever the callback order.

@@ -18,19 +18,19 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ncsn.app import _in_multirun, instantiate, instantiate_group
-from ncsn.best_checkpoint import BestQualityCheckpoint
-from ncsn.checkpoints import (
+from ncsn.app.best_checkpoint import BestQualityCheckpoint
+from ncsn.app.checkpoints import (
     AtomicCheckpointIO,
     check_checkpoint_matches,
     check_checkpoint_path,
     load_checkpoint,
     trust_flag,
 )
-from ncsn.console import print_closing_lines
+from ncsn.app.common import _in_multirun, instantiate, instantiate_group
+from ncsn.app.console import print_closing_lines
+from ncsn.app.run_files import MetricsFileCallback, RngStateCallback, RunRecordCallback
+from ncsn.app.sweeps import apply_sweep_metadata, resolve_optimized_metric, run_quality_key
 from ncsn.errors import ConfigError, UserError
-from ncsn.run_files import MetricsFileCallback, RngStateCallback, RunRecordCallback
-from ncsn.sweeps import apply_sweep_metadata, resolve_optimized_metric, run_quality_key
 
 log = logging.getLogger("ncsn")
 
@@ -150,7 +150,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      plugins=[AtomicCheckpointIO()])
     if "batch_size" in cfg.data:  # fail before processes are launched, not inside each of them
-        from ncsn.data.datamodules import per_device_batch_size
+        from ncsn.app.datamodules import per_device_batch_size
 
         per_device_batch_size(cfg.data.batch_size, trainer.world_size)
     return {"datamodule": datamodule, "model": model, "callbacks": callbacks, "loggers": loggers,
@@ -159,7 +159,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
 
 def resolve_quality_monitors(cfg: DictConfig) -> None:
     """Callbacks configured with ``monitor: auto`` (``callbacks.best_checkpoint``) monitor the run's primary
-    sample-quality key (``ncsn.sweeps.run_quality_key``); without one (quality off, data without a metric) they are
+    sample-quality key (``ncsn.app.sweeps.run_quality_key``); without one (quality off, data without a metric) they are
     dropped, with one line."""
     nodes = {name: node for name, node in (cfg.get("callbacks") or {}).items()
              if isinstance(node, DictConfig) and node.get("monitor") == "auto"}
@@ -300,7 +300,7 @@ def train(cfg: DictConfig) -> float | None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     saved_env = {k: os.environ.get(k) for k in DDP_ENV}
     try:
-        # Lightning reads the file again through AtomicCheckpointIO, i.e. ncsn.checkpoints.read_torch_file
+        # Lightning reads the file again through AtomicCheckpointIO, i.e. ncsn.app.checkpoints.read_torch_file
         trainer.fit(objects["model"], datamodule=objects["datamodule"], ckpt_path=ckpt_path, weights_only=not trust)
     finally:
         close_loggers(objects["loggers"])

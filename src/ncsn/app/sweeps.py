@@ -1,6 +1,6 @@
 """Sweep plumbing: which overrides a multirun job sweeps, and its W&B group, tags and run name.
 
-``apply_sweep_metadata(cfg)`` is called by ``ncsn.training.train`` right after seeding. In a Hydra multirun
+``apply_sweep_metadata(cfg)`` is called by ``ncsn.app.train.train`` right after seeding. In a Hydra multirun
 (``python train.py -m ...``) with a ``logger.wandb`` entry it puts the job's W&B run
 
 * in the sweep's group (``logger.wandb.group`` = the sweep dir's basename, unless the user set a group),
@@ -13,7 +13,7 @@ config by ``train()``. Outside a multirun, or without W&B, it does nothing.
 "Swept" overrides are the ones that vary between the jobs of a sweep: the keys given as sweeps on the
 command line (``a=1,2``, ``range(...)``, ``choice(...)``; read from the sweep dir's ``multirun.yaml``) and
 the keys of ``hydra.sweeper.params`` (Optuna, or the basic sweeper's ``params``). When neither can be read
-every override of the job counts as swept. ``ncsn.report`` uses the same helpers.
+every override of the job counts as swept. ``ncsn.tools.report`` uses the same helpers.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ files, checking their tensors and σ list against an experiment's network, and c
   and, with EMA on, the EMA helper's ``shadow`` (names without ``module.``) as a fifth element; the network's
   state dict carries its σ list as the ``sigmas`` buffer.
 
-``ncsn.convert`` (the command line) builds an ncsn checkpoint from these.
+``ncsn.tools.convert`` (the command line) builds an ncsn checkpoint from these.
 """
 
 from __future__ import annotations
@@ -70,10 +70,10 @@ def _strip_module_prefix(state: dict[str, torch.Tensor]) -> OrderedDict[str, tor
 def read_official(path: str | os.PathLike, *, trust: bool = False) -> OfficialCheckpoint:
     """Read an official checkpoint (either format) on the CPU; raise a CheckpointError when it is not one.
 
-    Loads through :func:`ncsn.checkpoints.read_torch_file` (``weights_only=True`` unless ``trust``, the user's
+    Loads through :func:`ncsn.app.checkpoints.read_torch_file` (``weights_only=True`` unless ``trust``, the user's
     ``trust_checkpoint=true``): the files come from the internet, and the official runners store only tensors,
     dicts, lists and numbers (both the zip and the pre-1.6 legacy torch formats are read)."""
-    from ncsn.checkpoints import UnsafeCheckpointError, read_torch_file
+    from ncsn.app.checkpoints import UnsafeCheckpointError, read_torch_file
 
     p = Path(path)
     if not p.exists():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import lightning as L
 
-from ncsn.app import _in_multirun
+from ncsn.app.common import _in_multirun
 
 log = logging.getLogger("ncsn")
 
@@ -24,7 +24,7 @@ def shown(path: Path) -> str:
 
 
 def final_checkpoint(trainer: L.Trainer) -> Path | None:
-    """The run's last.ckpt (it holds the final step: ncsn.checkpoints.FinalStepCheckpoint), else the last saved."""
+    """The run's last.ckpt (it holds the final step: ncsn.app.checkpoints.FinalStepCheckpoint), else the last saved."""
     callback = trainer.checkpoint_callback
     if callback is None or not getattr(callback, "dirpath", None):
         return None
@@ -41,14 +41,14 @@ def sample_command(ckpt: Path) -> str:
     python = ("python" if on_path and Path(on_path).absolute().parent == Path(sys.executable).absolute().parent
               else shown(Path(sys.executable)))
     sample_py = next((p for p in (Path(sys.argv[0]).absolute().with_name("sample.py"), Path.cwd() / "sample.py",
-                                  Path(__file__).resolve().parents[2] / "sample.py") if p.is_file()),
+                                  Path(__file__).resolve().parents[3] / "sample.py") if p.is_file()),
                      Path("sample.py"))
     return f"{python} {shown(sample_py)} ckpt_path={shlex.quote(str(ckpt.resolve()))} num_samples=256"
 
 
 def print_closing_lines(trainer: L.Trainer, run_dir: Path, metric_name: str | None, value: float | None) -> None:
     """Print the closing lines; log ``optimized_metric`` when the quality line does not already show it."""
-    from ncsn.callbacks import SampleGridCallback
+    from ncsn.app.callbacks import SampleGridCallback
 
     lines = []
     grids = sorted(p for cb in trainer.callbacks if isinstance(cb, SampleGridCallback)

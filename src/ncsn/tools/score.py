@@ -125,8 +125,8 @@ def default_data(samples: np.ndarray) -> str:
 
 def compose_run_config(overrides: list[str]):
     """``(data name, cfg)``: conf/train.yaml composed as ``train.py`` composes it with ``overrides`` (the data group,
-    ``paths.*``, an experiment); see ``ncsn.schedule_cli.compose_with_data``."""
-    from ncsn.schedule_cli import compose_with_data, find_conf_dir
+    ``paths.*``, an experiment); see ``ncsn.app.command_line.compose_with_data``."""
+    from ncsn.app.command_line import compose_with_data, find_conf_dir
 
     return compose_with_data(find_conf_dir(), overrides, job_name="score")
 
@@ -136,7 +136,7 @@ def score_file(path: str | Path, overrides: list[str] = (), device: str | None =
     ``overrides``: Hydra overrides of conf/train.yaml (``data=celeba``, ``data.image_size=64``, ...)."""
     from omegaconf import OmegaConf
 
-    from ncsn.metrics.quality import quality_metric_for_data
+    from ncsn.app.datamodules import quality_metric_for_data
 
     samples = load_samples(path)
     overrides = list(overrides)

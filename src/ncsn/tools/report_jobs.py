@@ -1,4 +1,4 @@
-"""Reading a Hydra sweep for ``ncsn.report``: each job dir (``.hydra/overrides.yaml``, ``metrics.json``,
+"""Reading a Hydra sweep for ``ncsn.tools.report``: each job dir (``.hydra/overrides.yaml``, ``metrics.json``,
 ``error.txt``, ``checkpoints/config.yaml``, ``samples/step_*.png``) as a ``Job``, the swept keys, and the rows of the
 report (one per job, ranked by the sample-quality metric when the jobs logged it, else ``val/loss``).
 
@@ -18,9 +18,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from ncsn.app.sweeps import override_items, read_sweep_overrides, sweep_keys
 from ncsn.metrics.registry import quality_key_in
 from ncsn.sigmas import SIGMA_BIN_PREFIX, sigma_bin_low
-from ncsn.sweeps import override_items, read_sweep_overrides, sweep_keys
 
 NO_METRICS = "no metrics.json (still running or killed)"
 SIGMA_KEY = re.compile(r"^val/loss_sigma_(\d+)$")  # per-level keys of runs before the σ bins

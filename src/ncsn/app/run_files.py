@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from ncsn.callbacks import SampleGridCallback
+from ncsn.app.callbacks import SampleGridCallback
 
 log = logging.getLogger("ncsn")
 
@@ -38,7 +38,7 @@ class RunRecordCallback(L.Callback):
 
         import yaml
 
-        from ncsn.provenance import run_info
+        from ncsn.app.provenance import run_info
 
         self.dirpath.mkdir(parents=True, exist_ok=True)
         (self.dirpath / "config.yaml").write_text(yaml.safe_dump(self.config, sort_keys=False))
@@ -185,7 +185,7 @@ class MetricsFileCallback(L.Callback):
             "per_sigma": getattr(pl_module, "val_per_level", None),
             # the built-in sample-quality metric: its primary key (lower is better) and every pass's values
             "quality": self._quality(trainer),
-            # checkpoints/best.ckpt (ncsn.best_checkpoint): the best quality pass's step and value, None without one
+            # checkpoints/best.ckpt (ncsn.app.best_checkpoint): the best quality pass's step and value, None without one
             "best_checkpoint": self._best_checkpoint(trainer),
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -199,7 +199,7 @@ class MetricsFileCallback(L.Callback):
         """The best checkpoint's path, key, step and value. The value is None when Lightning holds no score for it:
         a run resumed into another output dir (``ckpt_path`` of an earlier run) keeps the earlier ``best.ckpt``'s
         path but not its score until a quality pass of its own."""
-        from ncsn.best_checkpoint import BestQualityCheckpoint
+        from ncsn.app.best_checkpoint import BestQualityCheckpoint
 
         for cb in trainer.callbacks:
             if isinstance(cb, BestQualityCheckpoint) and cb.best_model_path:

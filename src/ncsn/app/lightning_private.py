@@ -2,7 +2,7 @@
 
 Each function wraps one private name and is pinned by ``tests/test_lightning_rules.py``: a Lightning upgrade
 that renames or changes one of them fails a test there instead of silently skipping a checkpoint or a quality
-value. Elsewhere the code uses Lightning's public API only (``ncsn.module.ScoreModel._logging_step`` rebuilds
+value. Elsewhere the code uses Lightning's public API only (``ncsn.app.module.ScoreModel._logging_step`` rebuilds
 one more private rule, ``LoggerConnector.should_update_logs``, from public state; pinned in the same file).
 
 * ``ModelCheckpoint``'s saving steps (``_should_skip_saving_checkpoint``, ``_monitor_candidates``,
@@ -12,7 +12,7 @@ one more private rule, ``LoggerConnector.should_update_logs``, from public state
   ``save_weights_only`` and ``save_last="link"`` behave as at one of its own saves.
 * ``WeightAveraging._average_model``: the averaged copy of the module (no public accessor).
 * the fit loop's progress counters (``_batches_that_stepped`` and the progress trackers): a checkpoint made
-  outside Lightning (``ncsn.convert``) that ``Trainer.fit(ckpt_path=...)`` continues at a given step.
+  outside Lightning (``ncsn.tools.convert``) that ``Trainer.fit(ckpt_path=...)`` continues at a given step.
 * ``WandbLogger._wandb_init``: the arguments it will pass to ``wandb.init`` (one it always passes,
   ``anonymous=None``, makes wandb warn; pinned by ``tests/test_train_app.py``).
 * ``Trainer.callback_metrics`` is public to read; writing into the dict it returns is not: Lightning keeps

@@ -1,4 +1,4 @@
-"""Summarise a Hydra sweep: ``python -m ncsn.report SWEEP_DIR``.
+"""Summarise a Hydra sweep: ``python -m ncsn.tools.report SWEEP_DIR``.
 
 Reads every job dir of the sweep (``<sweep dir>/<job num>/``: ``.hydra/overrides.yaml``, ``metrics.json``,
 ``error.txt``, ``checkpoints/config.yaml``, ``samples/step_*.png``) and writes into SWEEP_DIR:
@@ -21,7 +21,7 @@ Reads every job dir of the sweep (``<sweep dir>/<job num>/``: ``.hydra/overrides
 A job with ``error.txt`` (newer than its ``metrics.json``, if any) or without ``metrics.json`` is a failed row
 with its error line (``no metrics.json (still running or killed)``): the report never crashes on it.
 It can be re-run at any time (while the sweep runs, too); every file is replaced atomically. Reading the job dirs
-and building the rows is ``ncsn.report_jobs``.
+and building the rows is ``ncsn.tools.report_jobs``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ncsn.errors import UserError
-from ncsn.report_jobs import (
+from ncsn.tools.report_jobs import (
     NO_METRICS,
     Job,
     as_number,
@@ -222,7 +222,7 @@ def make_report(sweep_dir: str | Path) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ncsn.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m ncsn.tools.report", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", help="a multirun dir, e.g. outputs/train/multiruns/<time>")
     args = parser.parse_args(argv)
     try:

@@ -15,7 +15,7 @@ import logging
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from ncsn.lightning_private import monitor_candidates, save_top_k, should_skip_saving
+from ncsn.app.lightning_private import monitor_candidates, save_top_k, should_skip_saving
 
 __all__ = ["BestQualityCheckpoint"]
 
@@ -23,8 +23,8 @@ log = logging.getLogger("ncsn")
 
 
 class BestQualityCheckpoint(ModelCheckpoint):
-    """``monitor="auto"`` is replaced by the run's primary quality key when the run is built (``ncsn.training``,
-    from ``ncsn.sweeps.run_quality_key``: what the sample grid's metric logs). :attr:`best_step` is the global step
+    """``monitor="auto"`` is replaced by the run's primary quality key when the run is built (``ncsn.app.train``,
+    from ``ncsn.app.sweeps.run_quality_key``: what the sample grid's metric logs). :attr:`best_step` is the global step
     of ``best.ckpt`` (None before the first save); ``metrics.json`` records it with the value under
     ``best_checkpoint``. A quality pass that logs no value for :attr:`monitor` (a monitor set by hand to another
     key) saves nothing and says so in one warning line, once per run."""

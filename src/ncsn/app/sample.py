@@ -33,12 +33,12 @@ from PIL import Image
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from ncsn.app import instantiate
-from ncsn.callbacks import image_grid, scatter_image
-from ncsn.checkpoints import load_checkpoint, trust_flag
+from ncsn.app.callbacks import image_grid, scatter_image
+from ncsn.app.checkpoints import load_checkpoint, trust_flag
+from ncsn.app.common import instantiate
+from ncsn.app.module import ScoreModel
 from ncsn.devices import pick_device
 from ncsn.errors import CheckpointError, ConfigError
-from ncsn.module import ScoreModel
 from ncsn.samplers import describe_sampler, inpaint
 
 log = logging.getLogger("ncsn")
@@ -51,7 +51,7 @@ MASKS = ("right_half", "centre_square", "random")
 def load_model(ckpt_path: str | Path, *, use_ema: bool = True, device: str | torch.device = "cpu",
                trust: bool = False) -> tuple[ScoreModel, DictConfig]:
     """Rebuild the trained module from a checkpoint alone; returns it (eval mode) and the run config.
-    ``trust``: the user's ``trust_checkpoint`` (see :func:`ncsn.checkpoints.read_torch_file`)."""
+    ``trust``: the user's ``trust_checkpoint`` (see :func:`ncsn.app.checkpoints.read_torch_file`)."""
     ckpt = load_checkpoint(ckpt_path, trust=trust)
     run_cfg = OmegaConf.create(ckpt["ncsn_config"])
     model = instantiate(run_cfg.model)

@@ -8,7 +8,9 @@ number of devices. Lightning adds the DistributedSampler itself.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -122,7 +124,7 @@ class ImageDataModule(_BaseDataModule):
                  val_fraction: float = 0.1) -> None:
         super().__init__()
         if name == "toy_gmm":
-            raise ConfigError("toy_gmm is served by ncsn.data.ToyDataModule; use data=toy_gmm")
+            raise ConfigError("toy_gmm is served by ncsn.app.datamodules.ToyDataModule; use data=toy_gmm")
         self.name = check_dataset_name(name, IMAGE_DATASETS)
         native = DATASET_CHANNELS[name]
         if name == "image_folder" and channels is not None:
@@ -189,6 +191,8 @@ class ImageDataModule(_BaseDataModule):
 class ToyDataModule(_BaseDataModule):
     """Samples of the paper's 2-D mixture ``1/5 N((-5,-5), I) + 4/5 N((5,5), I)``: batches ``(x [B, 2], k [B])``."""
 
+    name = "toy_gmm"
+
     def __init__(self, n_train: int = 10000, n_val: int = 2000, batch_size: int = 128, seed: int = 0,
                  num_workers: int = 0, pin_memory: bool = False, val_batch_size: int | None = None) -> None:
         super().__init__()
@@ -219,4 +223,37 @@ class ToyDataModule(_BaseDataModule):
         return self.train_set.tensors[0][: max(0, int(n))].clone()  # already i.i.d.
 
 
-__all__ = ["DEFAULT_IMAGE_SIZE", "ImageDataModule", "ToyDataModule", "per_device_batch_size"]
+
+def quality_metric_for_data(
+    data: str | Mapping | Any,
+    *,
+    num_samples: int,
+    device: str | torch.device | None = None,
+    inception_weights: str | Path | None = None,
+    data_dir: str | Path | None = None,
+) -> Any:
+    """``ncsn.metrics.quality_metric_for`` (a ``SampleQuality``, or None) from a data config (a ``data:`` node
+    with ``_target_``, or a mapping with ``name``)
+    or a dataset name (``mnist_bundled``, ``toy_gmm``, ``cifar10``, ...; ``data_dir`` for the files). Unknown
+    names give None. Nothing is downloaded.
+
+    A data config builds the datamodule from ALL its fields, as training does (CelebA's ``center_crop``, the
+    ``image_size``, ``random_flip`` for the floor, ...); a name alone gets the datamodule's defaults, which are
+    not the config group's (``python -m ncsn.metrics score`` composes the group, ``ncsn.tools.score``)."""
+    from ncsn.metrics.quality import quality_metric_for
+    from ncsn.metrics.registry import data_fields, quality_kind
+
+    cfg = data_fields(data)
+    kind = quality_kind(cfg, inception_weights=inception_weights)
+    if kind is None:
+        return None
+    if kind == "toy":
+        return quality_metric_for(ToyDataModule(), num_samples=num_samples, device=device)
+    kwargs = {k: v for k, v in cfg.items() if k not in ("_target_", "download")}
+    if data_dir is not None:
+        kwargs["data_dir"] = str(data_dir)
+    return quality_metric_for(ImageDataModule(**kwargs, download=False), num_samples=num_samples, device=device,
+                              inception_weights=inception_weights)
+
+
+__all__ = ["DEFAULT_IMAGE_SIZE", "ImageDataModule", "ToyDataModule", "per_device_batch_size", "quality_metric_for_data"]
