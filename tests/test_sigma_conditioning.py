@@ -163,7 +163,7 @@ def test_edm_loss_weight_multiplies_the_papers_by_sigma_squared_plus_sigma_data_
         return torch.full_like(x, 0.3)
 
     plain = dsm_loss(score, x, SIGMAS, levels, noise=noise)
-    edm = dsm_loss(score, x, SIGMAS, levels, noise=noise, sigma_data=0.5)
+    edm = dsm_loss(score, x, SIGMAS, levels, noise=noise, precondition=(0.5, 0.5))
     factor = (SIGMAS[levels] ** 2 + 0.25) / 0.25
     ratio = edm.level_sum[levels] / plain.level_sum[levels]
     assert torch.allclose(ratio, factor, rtol=1e-5)
@@ -191,7 +191,7 @@ def test_a_preconditioned_model_trains_on_log_normal_sigma_with_edms_weight_and_
     net = NCSNv2(1, 8, 4, sigma_embedding=True, precondition="edm")
     model = ScoreModel(net, SIGMAS, [1, 8, 8], sigma_draw="log_normal", sigma_log_normal=[-1.5, 1.0],
                        optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
-    assert model._loss_weight() == {"sigma_data": 0.5}
+    assert model._loss_weight() == {"precondition": (0.5, 0.5)}
     loss = model.compute_loss(torch.rand(4, 1, 8, 8), generator=torch.Generator().manual_seed(0)).loss
     assert torch.isfinite(loss)
     loss.backward()
@@ -201,3 +201,18 @@ def test_a_preconditioned_model_trains_on_log_normal_sigma_with_edms_weight_and_
         ScoreModel(NCSNv2(1, 8, 4), SIGMAS, [1, 8, 8], sigma_draw="log_normal", sigma_log_normal=[-1.9, 0])
     with pytest.raises(ConfigError, match="log_normal needs"):
         ScoreModel(NCSN(in_channels=1, image_size=8, ngf=4, num_scales=95), SIGMAS, [1, 8, 8], sigma_draw="log_normal")
+
+
+def test_a_preconditioned_network_whose_body_outputs_zero_is_what_the_collapse_references_measure():
+    # with EDM's preconditioning a collapsed body leaves the skip path (the score of a Gaussian), not a zero score:
+    # the collapse metrics compare with that network, so it reads output_ms 0 and loss / zero-output loss 1
+    torch.manual_seed(0)
+    net = _zero_body(NCSNv2(1, 8, 4, sigma_embedding=True, precondition="edm"))
+    model = ScoreModel(net, SIGMAS, [1, 8, 8], sigma_draw="log_uniform")
+    out = model.compute_loss(torch.rand(16, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    assert out.output_sq_sum.item() < 1e-10
+    assert out.level_sum.sum().item() == pytest.approx(out.zero_output_sum.item(), rel=1e-5)
+    # a body that does something is seen
+    torch.nn.init.normal_(net.end_conv.weight, std=0.1)
+    out = model.compute_loss(torch.rand(16, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    assert out.output_sq_sum.item() > 1e-4

@@ -36,7 +36,8 @@ class LossOutput:
     #: DSM only (None for SSM), both summed over the batch, for spotting a collapsed network without a host
     #: sync: the loss a zero score would get on the same draws (½ σ^(p-2) ‖z‖², D/2 per sample when p = 2),
     #: and the mean square of the σ-scaled score σ·s (the NCSNv2 net's raw output; about 1 for a good
-    #: network at small σ, 0 for a collapsed one).
+    #: network at small σ, 0 for a collapsed one). With EDM's preconditioning both are taken against the network
+    #: whose body outputs zero (``dsm_loss(precondition=)``).
     zero_output_sum: torch.Tensor | None = None
     output_sq_sum: torch.Tensor | None = None
 
@@ -103,7 +104,7 @@ def dsm_loss(
     level_probs: torch.Tensor | None = None,
     continuous: bool = False,
     log_normal: tuple[float, float] | None = None,
-    sigma_data: float | None = None,
+    precondition: tuple[float, float] | None = None,
 ) -> LossOutput:
     """Weighted multi-σ denoising score matching.
 
@@ -122,6 +123,13 @@ def dsm_loss(
             score at that σ (a float tensor [B]); the per-level breakdown files each sample under the nearest
             level in log σ. For networks that ignore σ or take it (NCSNv2, ``sigma_embedding``), not for
             level-indexed ones.
+        log_normal: (mean, std) of ln σ: draw σ log-normally (EDM's P_mean, P_std) when ``levels`` is omitted,
+            clamped to [σ_L, σ_1], and ask ``score_fn`` for the score at that σ (as ``continuous``).
+        precondition: (σ_d, centre) of a network with EDM's preconditioning (``NCSNv2(precondition="edm")``): λ(σ)
+            is multiplied by (σ² + σ_d²)/σ_d², EDM's weight, under which the network's body is fitted with the same
+            weight at every σ; and the collapse references are the network with its body at zero (the score of
+            N(centre, σ_d² + σ²), what c_skip alone gives) instead of a zero score: ``zero_output_sum`` is that
+            network's loss, ``output_sq_sum`` the mean square of σ·(s − its score), the body's part.
     """
     num_scales = sigmas.shape[0]
     table = sigmas.to(x.device, x.dtype)
@@ -147,12 +155,17 @@ def dsm_loss(
     sigma = used.float()
     residual = score.float() + noise.float() / sigma
     weight = sigma.flatten() ** weight_power
-    if sigma_data is not None:
-        weight = weight * (sigma.flatten().square() + float(sigma_data) ** 2) / float(sigma_data) ** 2
+    baseline = None  # the score the collapse checks compare with: zero, or the skip path of a preconditioned net
+    if precondition is not None:
+        sigma_data, centre = float(precondition[0]), float(precondition[1])
+        weight = weight * (sigma.flatten().square() + sigma_data**2) / sigma_data**2
+        baseline = -(x_noisy.float() - centre) / (sigma.square() + sigma_data**2)
     per_sample = 0.5 * residual.pow(2).flatten(1).sum(dim=1) * weight
     with torch.no_grad():
-        zero_output = 0.5 * (noise.float() / sigma).pow(2).flatten(1).sum(dim=1) * weight
-        output_sq = (score.detach().float() * sigma).pow(2).flatten(1).mean(dim=1)
+        reference = noise.float() / sigma if baseline is None else baseline + noise.float() / sigma
+        zero_output = 0.5 * reference.pow(2).flatten(1).sum(dim=1) * weight
+        body = score.detach().float() if baseline is None else score.detach().float() - baseline
+        output_sq = (body * sigma).pow(2).flatten(1).mean(dim=1)
     return _per_level(per_sample, levels, num_scales, zero_output_sum=zero_output.sum(),
                       output_sq_sum=output_sq.sum())
 

@@ -208,9 +208,10 @@ class ScoreModel(PerSigmaValidation, L.LightningModule):
                                       generator=generator, **self._loss_weight(), **extra)
 
     def _loss_weight(self) -> dict[str, float]:
-        """EDM's loss weight for a network with EDM's preconditioning (``ncsn.losses.dsm_loss(sigma_data=)``)."""
+        """EDM's loss weight and collapse references for a network with EDM's preconditioning
+        (``ncsn.losses.dsm_loss(precondition=(σ_d, centre))``)."""
         if getattr(self.net, "precondition", "none") == "edm" and self.loss_name == "dsm":
-            return {"sigma_data": self.net.sigma_data}
+            return {"precondition": (self.net.sigma_data, 0.5 if self.net.rescale_input else 0.0)}
         return {}
 
     @staticmethod
