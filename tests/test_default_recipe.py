@@ -83,8 +83,11 @@ def test_cpu_recipe_shortened_learns_and_its_samples_are_not_degenerate(tmp_path
     assert record["global_step"] == SHORT_STEPS
     assert record["warnings"] == []
     m = record["metrics"]
-    assert m["val/loss_to_zero_output"] < 0.2, m  # measured 0.139 at 400 steps (output mean square 0.84)
-    assert m["val/output_ms"] > 0.3, m
+    # the recipe's network is preconditioned (EDM): its references are the network with its body at zero (the
+    # score of a Gaussian), a harder baseline than a zero score; measured 0.266 at 400 steps (1.0 at a collapse),
+    # the body's output mean square 0.386 (0 at a collapse)
+    assert m["val/loss_to_zero_output"] < 0.4, m
+    assert m["val/output_ms"] > 0.2, m
 
     out = tmp_path / "samples"
     result = run_entry("sample.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "num_samples=64",
