@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ncsn.errors import ConfigError
+from ncsn.sigmas import geometric_sigmas
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[dict], None]
@@ -339,8 +340,7 @@ def sampling_levels(sigmas: torch.Tensor, settings: Mapping[str, Any],
     if settings.get("num_levels") is None:
         return None
     n = _int_setting(settings, "num_levels", 2)
-    sub = torch.exp(torch.linspace(math.log(float(sigmas[0])), math.log(float(sigmas[-1])), n, dtype=torch.float64))
-    sub = sub.to(sigmas.dtype)
+    sub = geometric_sigmas(float(sigmas[0]), float(sigmas[-1]), n).to(sigmas.dtype)
     if snap is not None and not torch.allclose(snap(sub.to(sigmas.device)).cpu(), sub):
         raise ConfigError("sampler.num_levels needs a network that takes any σ (model=ncsnv2); this one knows only "
                           "its trained levels: leave sampler.num_levels=null")
