@@ -207,11 +207,12 @@ class ScoreModel(PerSigmaValidation, L.LightningModule):
         return LOSSES[self.loss_name](self.score_fn, x, self.sigmas, weight_power=self.weight_power,
                                       generator=generator, **self._loss_weight(), **extra)
 
-    def _loss_weight(self) -> dict[str, float]:
-        """EDM's loss weight and collapse references for a network with EDM's preconditioning
-        (``ncsn.losses.dsm_loss(precondition=(σ_d, centre))``)."""
-        if getattr(self.net, "precondition", "none") == "edm" and self.loss_name == "dsm":
-            return {"precondition": (self.net.sigma_data, 0.5 if self.net.rescale_input else 0.0)}
+    def _loss_weight(self) -> dict[str, tuple[float, float]]:
+        """EDM's loss weight and collapse references for a network with EDM's preconditioning (its
+        ``edm_preconditioning``: ``ncsn.losses.dsm_loss(precondition=(σ_d, centre))``)."""
+        preconditioning = getattr(self.net, "edm_preconditioning", None)
+        if preconditioning is not None and self.loss_name == "dsm":
+            return {"precondition": preconditioning}
         return {}
 
     @staticmethod

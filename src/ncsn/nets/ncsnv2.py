@@ -171,14 +171,23 @@ class NCSNv2(nn.Module):
             return self._preconditioned(x, levels)
         return self._body(2.0 * x - 1.0 if self.rescale_input else x, levels)
 
+    @property
+    def edm_preconditioning(self) -> tuple[float, float] | None:
+        """(σ_d, centre) of EDM's preconditioning (the data are centred at 0.5 with ``rescale_input``, else at 0),
+        None without it: what the loss needs for EDM's weight (``ncsn.losses.dsm_loss(precondition=)``)."""
+        if self.precondition != "edm":
+            return None
+        return self.sigma_data, (0.5 if self.rescale_input else 0.0)
+
     def _preconditioned(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """σ·s = (D − x)/σ with EDM's D = c_skip·y + c_out·F(c_in·y) on the centred data y (see the class)."""
+        sigma_data, centre = self.edm_preconditioning
         s = sigma.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-        y = x - 0.5 if self.rescale_input else x
-        var = s.square() + self.sigma_data ** 2
+        y = x - centre
+        var = s.square() + sigma_data**2
         body = self._body(y * var.rsqrt(), sigma)
         # (c_skip − 1)·y/σ + c_out/σ · F
-        return -s * y / var + self.sigma_data * var.rsqrt() * body
+        return -s * y / var + sigma_data * var.rsqrt() * body
 
     def _body(self, h: torch.Tensor, levels: torch.Tensor | None) -> torch.Tensor:
         emb = self.sigma_embed(levels) if self.sigma_embedding else None
