@@ -51,6 +51,15 @@ def test_real_digits_score_best_blurred_in_between_noise_worst(tmp_path):
     assert kid["real"] < kid["blurred"] < kid["noise"], kid
 
 
+def test_help_prints_the_usage_and_scores_nothing(capsys):
+    # `--help` was taken for a file name ("samples file --help does not exist", exit 2)
+    for args in (["score", "--help"], ["--help"], ["score", "-h"]):
+        assert main(args) == 0
+        out = capsys.readouterr()
+        assert out.out.startswith("usage: python -m ncsn.metrics score FILE.npz") and "data=NAME" in out.out
+        assert out.err == ""
+
+
 def test_user_errors_are_one_line(tmp_path, capsys):
     assert main(["score", str(tmp_path / "missing.npz")]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0

@@ -179,6 +179,9 @@ def parse_args(args: list[str]) -> tuple[list[str], str | None]:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(args):
+        print(f"{USAGE}\n\n{__doc__.strip()}")
+        return 0
     try:
         if len(args) < 2 or args[0] != "score":
             raise UserError(USAGE)
