@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+from lightning.pytorch.callbacks import Timer
 from PIL import Image
 
 from ncsn.app.datamodules import ImageDataModule
@@ -289,3 +290,19 @@ def parameter_table(path: Path, ngf: int, channels: int, skip: tuple[str, ...] =
             if not (skip and name.startswith(skip)):
                 table[name] = tuple(size(d) for d in dims)
     return table
+
+
+class FixedTimer(Timer):
+    """Lightning's Timer for ``max_time`` = ``duration`` with ``left`` seconds remaining (its clock, without the
+    waiting)."""
+
+    def __init__(self, left: float, duration: str = "00:00:11:30") -> None:
+        super().__init__(duration=duration)
+        self.left = left
+        self.total = sum(int(part) * unit for part, unit in zip(duration.split(":"), (86400, 3600, 60, 1), strict=True))
+
+    def time_remaining(self, stage="train") -> float:
+        return self.left
+
+    def time_elapsed(self, stage="train") -> float:
+        return self.total - self.left

@@ -11,8 +11,9 @@ import lightning as L
 import pytest
 import torch
 from conftest import ROOT
+from fakes import FixedTimer
 from hydra import compose, initialize_config_dir
-from lightning.pytorch.callbacks import Timer, TQDMProgressBar
+from lightning.pytorch.callbacks import TQDMProgressBar
 from torch.utils.data import DataLoader, TensorDataset
 
 from ncsn.app.common import instantiate
@@ -165,20 +166,6 @@ def test_time_limited_total_is_where_max_time_stops_the_run_when_that_comes_firs
     assert time_limited_total(step=150, initial=100, elapsed=10.0, time_left=50.0, max_steps=4600) == 400  # resumed
     assert time_limited_total(step=100, initial=0, elapsed=10.0, time_left=None, max_steps=4600) is None
     assert time_limited_total(step=0, initial=0, elapsed=10.0, time_left=50.0, max_steps=4600) is None  # no rate
-
-
-class FixedTimer(Timer):
-    """max_time 11:30 with ``left`` seconds remaining (a Timer's clock, without the waiting)."""
-
-    def __init__(self, left: float) -> None:
-        super().__init__(duration="00:00:11:30")
-        self.left = left
-
-    def time_remaining(self, stage="train") -> float:
-        return self.left
-
-    def time_elapsed(self, stage="train") -> float:
-        return 690.0 - self.left
 
 
 @pytest.mark.parametrize("left, total, eta, note", [

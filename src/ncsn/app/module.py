@@ -40,6 +40,14 @@ class NonFiniteLossError(UserError, RuntimeError):
 SIGMA_DRAWS = ("levels", "log_uniform", "log_normal")
 
 
+def is_logging_step(trainer: L.Trainer) -> bool:
+    """Whether the loggers read this training step's metrics. Lightning's rule for the fit loop (its private
+    ``LoggerConnector.should_update_logs``) from public trainer state: the (global_step + 1)-th step is a multiple
+    of ``log_every_n_steps``, or training stops here."""
+    every = trainer.log_every_n_steps
+    return every > 0 and ((trainer.global_step + 1) % every == 0 or trainer.should_stop)
+
+
 def check_optimizer(factory: Callable[..., torch.optim.Optimizer] | None) -> None:
     """Build the configured optimizer once on a dummy parameter, so that a bad setting (a negative learning rate,
     betas outside [0, 1)) is one line now instead of an error after the run has started."""
@@ -221,13 +229,9 @@ class ScoreModel(PerSigmaValidation, L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def _logging_step(self) -> bool:
-        """Whether the loggers read this step's metrics: per-step diagnostics are only computed and logged then.
-        Lightning's rule for the fit loop (its private ``LoggerConnector.should_update_logs``) from public trainer
-        state: the (global_step + 1)-th step is a multiple of ``log_every_n_steps``, or training stops here."""
-        if attached_trainer(self) is None:
-            return True
-        every = self.trainer.log_every_n_steps
-        return every > 0 and ((self.trainer.global_step + 1) % every == 0 or self.trainer.should_stop)
+        """Whether the loggers read this step's metrics: per-step diagnostics are only computed and logged then."""
+        trainer = attached_trainer(self)
+        return True if trainer is None else is_logging_step(trainer)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         x = self._images(batch)
