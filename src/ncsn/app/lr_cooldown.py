@@ -41,9 +41,8 @@ def budget_spent(trainer: L.Trainer, total_steps: float) -> float:
     """The share of the run's budget spent before this step: ``global_step`` over ``total_steps`` (the run's
     ``estimated_stepping_batches``), or time over ``max_time``, whichever is further along (0 without either)."""
     spent = 0.0
-    total = total_steps
-    if math.isfinite(total) and total > 0:
-        spent = trainer.global_step / total
+    if math.isfinite(total_steps) and total_steps > 0:
+        spent = trainer.global_step / total_steps
     timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
     left = timer.time_remaining() if timer is not None else None
     if left is not None:
