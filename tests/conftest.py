@@ -20,6 +20,14 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/fakes.py
 os.environ["NCSN_CPU_KERNELS"] = "off"
 
 
+def compose_train(*overrides: str):
+    """``conf/train.yaml`` composed with ``overrides`` (as train.py would, without running it)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=["paths.output_dir=/tmp/unused", *overrides])
+
+
 def run_entry(script: str, *overrides: str, timeout: int = 600, env: dict | None = None,
               cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run ``python train.py|sample.py overrides...`` as a user would (offline W&B)."""

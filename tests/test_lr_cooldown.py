@@ -7,13 +7,12 @@ import itertools
 import time
 from datetime import timedelta
 from pathlib import Path
-from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
+from conftest import compose_train
 from fakes import FixedTimer
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, Timer
 from lightning.pytorch.loggers import CSVLogger
@@ -21,8 +20,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ncsn.app.lr_cooldown import LRCooldown, budget_spent, cooldown_factor
 from ncsn.errors import ConfigError
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class ConstantGradient(L.LightningModule):
@@ -107,11 +104,10 @@ def test_the_scheduler_and_the_lr_monitor_keep_their_own_values(tmp_path):
 
 
 def test_the_budget_is_time_when_max_time_comes_first_and_steps_when_they_do():
-    trainer = SimpleNamespace(callbacks=[FixedTimer(left=150.0, duration="00:00:10:00")], global_step=1000)
-    assert budget_spent(trainer, total_steps=6000) == pytest.approx(0.75)  # 450 of 600 s, 1,000 of 6,000 steps
-    trainer.global_step = 5400
-    assert budget_spent(trainer, total_steps=6000) == pytest.approx(0.9)  # the steps run out first
-    assert budget_spent(SimpleNamespace(callbacks=[], global_step=5), float("inf")) == 0.0  # no bound at all
+    timer = FixedTimer(left=150.0, duration="00:00:10:00")
+    assert budget_spent(1000, 6000, timer) == pytest.approx(0.75)  # 450 of 600 s, 1,000 of 6,000 steps
+    assert budget_spent(5400, 6000, timer) == pytest.approx(0.9)  # the steps run out first
+    assert budget_spent(5, float("inf"), None) == 0.0  # no bound at all
 
 
 class Slow(ConstantGradient):
@@ -135,11 +131,6 @@ def test_a_time_budgeted_run_cools_down_before_max_time_stops_it(tmp_path):
 def test_bad_settings_are_refused_with_the_key_to_fix(kwargs):
     with pytest.raises(ConfigError, match="callbacks.lr_cooldown"):
         LRCooldown(**kwargs)
-
-
-def compose_train(*overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 def test_off_by_default_and_in_the_cpu_recipe_and_switched_on_from_the_command_line():

@@ -9,9 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_entry
+from conftest import compose_train, run_entry
 from fakes import write_ffhq, write_image_folder, write_lsun
-from hydra import compose, initialize_config_dir
 
 pytest.importorskip("lmdb")
 
@@ -36,11 +35,6 @@ OFFICIAL = {
 ADAM_EPS = inspect.signature(torch.optim.Adam).parameters["eps"].default
 TINY_RUN = ["model.net.ngf=4", "data.image_size=16", "data.batch_size=2", "data.num_workers=0",
             "data.pin_memory=false", "logger=csv", "callbacks.progress_bar=null"]
-
-
-def compose_train(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=["paths.output_dir=/tmp/unused", *overrides])
 
 
 @pytest.mark.parametrize("experiment", sorted(OFFICIAL))

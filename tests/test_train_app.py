@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from conftest import EMA_ON, ROOT, TINY, run_entry
+from conftest import EMA_ON, ROOT, TINY, compose_train, run_entry
 from fakes import write_celeba, write_cifar, write_mnist
 from hydra import compose, initialize_config_dir
 from PIL import Image
@@ -21,11 +21,6 @@ from PIL import Image
 from ncsn.app.common import instantiate
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
-
-
-def compose_train(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=["paths.output_dir=/tmp/unused", *overrides])
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

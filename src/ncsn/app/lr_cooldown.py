@@ -15,7 +15,8 @@ machine and on a slow one alike (warmup-stable-decay).
   after it (``torch.optim`` step hooks), so a chainable scheduler (the recipes' linear warm-up) computes from
   unscaled values and ``LearningRateMonitor``'s ``lr-*`` shows the scheduler's rate; the step's rate is that times
   ``train/lr_factor`` (logged on the logging steps).
-* **DDP:** rank 0's ``p`` is broadcast each step (the ranks' clocks differ a little), so every rank steps alike.
+* **DDP:** under ``max_time`` rank 0's ``p`` is broadcast each step (the ranks' clocks differ a little), so every
+  rank steps alike; a step budget needs no collective (the step is the same on every rank).
 * **Resume:** nothing to save; ``p`` comes from the step and the Timer, which Lightning restores from the
   checkpoint (a resume with another ``max_time`` re-times the cooldown to the new budget).
 """
@@ -37,13 +38,13 @@ def cooldown_factor(spent: float, fraction: float, min_factor: float = 0.0) -> f
     return max(min_factor, min(1.0, (1.0 - spent) / fraction))
 
 
-def budget_spent(trainer: L.Trainer, total_steps: float) -> float:
+def budget_spent(global_step: int, total_steps: float, timer: Timer | None) -> float:
     """The share of the run's budget spent before this step: ``global_step`` over ``total_steps`` (the run's
-    ``estimated_stepping_batches``), or time over ``max_time``, whichever is further along (0 without either)."""
+    ``estimated_stepping_batches``), or time over ``max_time`` (``timer``, Lightning's ``Timer``, present when
+    ``max_time`` is set), whichever is further along (0 without either)."""
     spent = 0.0
     if math.isfinite(total_steps) and total_steps > 0:
-        spent = trainer.global_step / total_steps
-    timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
+        spent = global_step / total_steps
     left = timer.time_remaining() if timer is not None else None
     if left is not None:
         elapsed = timer.time_elapsed()
@@ -65,19 +66,21 @@ class LRCooldown(L.Callback):
         self.min_factor = float(min_factor)
         self.factor = 1.0
         self._total_steps = math.inf
+        self._timer: Timer | None = None
         self._handles: list = []
         self._saved: list[tuple[dict, object]] = []
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._remove_hooks()
         self._total_steps = trainer.estimated_stepping_batches
+        self._timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
         for optimizer in trainer.optimizers:
             self._handles.append(optimizer.register_step_pre_hook(self._scale))
             self._handles.append(optimizer.register_step_post_hook(self._restore))
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
-        spent = budget_spent(trainer, self._total_steps)
-        if trainer.world_size > 1:
+        spent = budget_spent(trainer.global_step, self._total_steps, self._timer)
+        if self._timer is not None and trainer.world_size > 1:  # steps agree on every rank; clocks do not
             spent = trainer.strategy.broadcast(spent, src=0)
         self.factor = cooldown_factor(spent, self.fraction, self.min_factor)
         if is_logging_step(trainer):
@@ -111,5 +114,5 @@ class LRCooldown(L.Callback):
 
     def __getstate__(self) -> dict:  # ddp_spawn pickles the callbacks: hook handles stay behind
         state = self.__dict__.copy()
-        state["_handles"], state["_saved"] = [], []
+        state["_handles"], state["_saved"], state["_timer"] = [], [], None
         return state
